@@ -1,0 +1,38 @@
+# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates .venv when it is missing and installs what it needs into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint unit bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch is pinned and installed on its own first so that pip takes the CPU build on disk
+# instead of resolving a CUDA build for the reference-implementation tests.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,demo]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check clipchain tests benchmarks
+	$(VENV)/bin/ruff format --check clipchain tests benchmarks
+
+unit: $(STAMP)
+	$(PY) -m pytest clipchain tests
+
+test: lint unit
+
+bench: $(STAMP)
+	$(PY) benchmarks/clip_step.py
+
+clean:
+	rm -rf $(VENV) reports

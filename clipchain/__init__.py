@@ -1,0 +1,29 @@
+"""clipchain: gradient clipping for JAX and optax, correct, observable and fast.
+
+Every transform is an ``optax.GradientTransformation`` built from one core, :func:`clip_norm`,
+whose two independent choices are *where* a norm is measured (:mod:`clipchain.granularity`) and
+*how* the threshold is set (:mod:`clipchain.thresholds`). Statistics are kept in the state and
+collected by :func:`stats`.
+"""
+
+from clipchain import granularity, thresholds
+from clipchain._src.clip_norm import ClipNormState, clip_norm
+from clipchain._src.per_example import per_example_global_norm_clip, per_example_layer_norm_clip
+from clipchain._src.presets import clip, clip_by_block_rms, clip_by_global_norm, clip_by_layer_norm
+from clipchain._src.stats import stats
+from clipchain._version import __version__
+
+__all__ = [
+  "ClipNormState",
+  "__version__",
+  "clip",
+  "clip_by_block_rms",
+  "clip_by_global_norm",
+  "clip_by_layer_norm",
+  "clip_norm",
+  "granularity",
+  "per_example_global_norm_clip",
+  "per_example_layer_norm_clip",
+  "stats",
+  "thresholds",
+]

@@ -1,0 +1,120 @@
+"""Which leaves of a pytree form one layer.
+
+A grouping is resolved against a tree's structure (never its values) into a static
+:class:`Grouping`: the layer names in order and, for every leaf, the index of its layer. Paths are
+written as ``"params/Dense_0/kernel"``; these strings name layers in statistics too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Union
+
+import jax
+
+# What a user may pass as ``layers=``:
+#   None               every leaf is its own layer;
+#   "leaf" / "module"  every leaf / every parent node (a Flax module: its kernel, bias, ...);
+#   {name: regex}      leaves whose path matches a regex (first match in order) form layer ``name``;
+#   callable           ``fn(path: str, leaf) -> str`` returns the layer name of a leaf.
+LayersSpec = Union[None, str, Mapping[str, str], Callable[[str, Any], str]]
+
+_BY_NAME = ("leaf", "module")
+
+
+def path_str(path) -> str:
+  """``('params', 'Dense_0', 'kernel')``-like key paths as ``"params/Dense_0/kernel"``."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(str(key.name))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key).strip(".[]'\""))
+  return "/".join(parts)
+
+
+def leaf_paths(tree) -> list[str]:
+  """The path string of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def validate_layers(layers: LayersSpec) -> LayersSpec:
+  """Checks a grouping at construction; regexes are compiled here so a typo fails early."""
+  if layers is None or callable(layers):
+    return layers
+  if isinstance(layers, str):
+    if layers not in _BY_NAME:
+      raise ValueError(
+        f"layers must be None, one of {list(_BY_NAME)}, a mapping of layer name to regex, or a "
+        f"callable (path, leaf) -> name; got {layers!r}."
+      )
+    return layers
+  if isinstance(layers, Mapping):
+    if not layers:
+      raise ValueError("layers must not be an empty mapping; got {}.")
+    for name, pattern in layers.items():
+      if not isinstance(name, str) or not isinstance(pattern, str):
+        raise ValueError(
+          f"layers must map layer names (str) to regular expressions (str); got {name!r}: "
+          f"{pattern!r}."
+        )
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"layers[{name!r}] is not a valid regular expression: {pattern!r} ({e}).")
+    return dict(layers)
+  raise ValueError(
+    f"layers must be None, one of {list(_BY_NAME)}, a mapping of layer name to regex, or a "
+    f"callable (path, leaf) -> name; got {layers!r}."
+  )
+
+
+class Grouping(NamedTuple):
+  """A resolved grouping: ``names[leaf_layer[i]]`` is the layer of leaf ``i``."""
+
+  names: tuple[str, ...]
+  leaf_layer: tuple[int, ...]
+
+  @property
+  def is_per_leaf(self) -> bool:
+    return self.leaf_layer == tuple(range(len(self.leaf_layer)))
+
+
+def resolve(layers: LayersSpec, tree) -> Grouping:
+  """Assigns each leaf of ``tree`` to a layer, from the tree's structure alone."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  paths = [path_str(p) for p, _ in flat]
+  if layers is None or layers == "leaf":
+    keys = paths
+  elif layers == "module":
+    keys = [path_str(p[:-1]) if len(p) > 1 else path_str(p) for p, _ in flat]
+  elif isinstance(layers, Mapping):
+    keys = [_first_match(layers, path) for path in paths]
+  else:
+    keys = []
+    for path, (_, leaf) in zip(paths, flat):
+      key = layers(path, leaf)
+      if not isinstance(key, str):
+        raise ValueError(f"layers callable must return a str layer name; got {key!r} for {path!r}.")
+      keys.append(key)
+  names: dict[str, int] = {}
+  for key in keys:
+    names.setdefault(key, len(names))
+  return Grouping(tuple(names), tuple(names[k] for k in keys))
+
+
+def _first_match(patterns: Mapping[str, str], path: str) -> str:
+  for name, pattern in patterns.items():
+    if re.search(pattern, path):
+      return name
+  raise ValueError(
+    f"leaf {path!r} matches none of the layers patterns {dict(patterns)}; add a catch-all "
+    "entry such as {'rest': '.*'}."
+  )

@@ -1,0 +1,78 @@
+"""Norm arithmetic shared by every granularity.
+
+Three rules hold everywhere in clipchain and live only here:
+
+* squares are accumulated in float32 (or wider), never in the gradient's dtype, so bf16 sums do not
+  stall and fp16 sums do not overflow;
+* the square root and the clip scale are written so that neither the value nor ``jax.grad`` through
+  them is NaN at a zero norm or a zero threshold;
+* a scale is applied as one fused multiply in float32 and cast back, so updates keep their dtype and
+  no gradient-sized temporary is created.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """The dtype squares of ``dtype`` values are summed in: float32, or float64 for float64 input."""
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    dtype = jnp.finfo(dtype).dtype
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits > 32:
+    return jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32)
+
+
+def squares(x: jax.Array) -> jax.Array:
+  """``|x|²`` elementwise, in the accumulation dtype (fused into the consuming reduction)."""
+  acc = accumulation_dtype(x.dtype)
+  if jnp.iscomplexobj(x):
+    x = x.astype(jnp.result_type(acc, jnp.complex64))
+    return jnp.real(x * jnp.conj(x))
+  x = x.astype(acc)
+  return x * x
+
+
+def sum_of_squares(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+  """Sum of ``|x|²`` over ``axis``, accumulated in float32 whatever ``x.dtype`` is."""
+  return jnp.sum(squares(x), axis=axis, keepdims=keepdims)
+
+
+def total(values: list[jax.Array]) -> jax.Array:
+  """Sums scalars in one reduction (a balanced tree rather than a chain of adds)."""
+  if not values:
+    return jnp.zeros((), jnp.float32)
+  if len(values) == 1:
+    return values[0]
+  return jnp.sum(jnp.stack(values))
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` whose gradient is 0 rather than NaN at ``x == 0``."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def exceeds(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+  """True where ``norm`` is above ``threshold``; also where it is NaN, so a NaN is never hidden."""
+  return ~(norm <= threshold)
+
+
+def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+  """``min(1, threshold / norm)``, exactly 1 at or below the threshold.
+
+  Finite (and with finite gradients) at ``norm == 0`` and at ``threshold == 0``; NaN only when
+  ``norm`` itself is NaN.
+  """
+  over = exceeds(norm, threshold)
+  return jnp.where(over, threshold / jnp.where(over, norm, 1.0), 1.0)
+
+
+def scale(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """``x * factor`` computed in float32 and cast back to ``x.dtype`` (one fused elementwise op)."""
+  acc = accumulation_dtype(x.dtype)
+  if jnp.iscomplexobj(x):
+    return (x * factor.astype(acc)).astype(x.dtype)
+  return (x.astype(acc) * factor.astype(acc)).astype(x.dtype)
