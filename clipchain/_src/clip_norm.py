@@ -68,15 +68,21 @@ class ClipNormState(NamedTuple):
       "clipped_fraction": self.clipped_fraction,
     }
     if self.layer_names:
-      for i, layer in enumerate(self.layer_names):
-        out[f"norm/{layer}"] = self.layer_norms[..., i]
-        out[f"threshold/{layer}"] = self.threshold[..., i]
+      out.update(self._per_layer("norm", self.layer_norms))
+      out.update(self._per_layer("threshold", self.threshold))
     else:
       out["threshold"] = self.threshold
     policy_report = getattr(self.policy_state, "report", None)
     if callable(policy_report):
-      out.update(policy_report())
+      for key, value in policy_report().items():
+        if self.layer_names and jnp.shape(value)[-1:] == (len(self.layer_names),):
+          out.update(self._per_layer(key, value))
+        else:
+          out[key] = value
     return out
+
+  def _per_layer(self, key: str, values: jax.Array) -> dict[str, jax.Array]:
+    return {f"{key}/{layer}": values[..., i] for i, layer in enumerate(self.layer_names)}
 
 
 def clip_norm(

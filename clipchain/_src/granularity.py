@@ -213,8 +213,9 @@ class Unit(Granularity):
 
   name = "unit"
 
-  def __init__(self, axis: int | Sequence[int] | None = None, *, layout: str = "flax",
-               stacked_axes: int = 0):
+  def __init__(
+    self, axis: int | Sequence[int] | None = None, *, layout: str = "flax", stacked_axes: int = 0
+  ):
     check_choice("layout", layout, ("flax", "torch"))
     if isinstance(stacked_axes, bool) or not isinstance(stacked_axes, int) or stacked_axes < 0:
       raise ValueError(f"stacked_axes must be an integer >= 0; got {stacked_axes!r}.")
@@ -236,9 +237,7 @@ class Unit(Granularity):
       return tuple(a % len(shape) for a in self.axis) if shape else ()
     k = self.stacked_axes
     if len(shape) < k:
-      raise ValueError(
-        f"leaf {path!r} of shape {shape} has fewer axes than stacked_axes={k}."
-      )
+      raise ValueError(f"leaf {path!r} of shape {shape} has fewer axes than stacked_axes={k}.")
     inner = shape[k:]
     squeezed_rank = sum(d != 1 for d in inner)
     if self.layout == "torch":
@@ -270,8 +269,7 @@ class Unit(Granularity):
   def measure(self, tree) -> Measured:
     leaves, treedef = jax.tree.flatten(tree)
     squares = [
-      norms.sum_of_squares(x, axis=axes, keepdims=True)
-      for x, axes in zip(leaves, self._axes(tree))
+      norms.sum_of_squares(x, axis=axes, keepdims=True) for x, axes in zip(leaves, self._axes(tree))
     ]
     total = norms.total([jnp.sum(s) for s in squares])
     unit_norms = [norms.safe_sqrt(s) for s in squares]
@@ -288,12 +286,15 @@ class Unit(Granularity):
     summary = Summary(
       clipped_norm=norms.safe_sqrt(
         norms.total(
-          [jnp.sum(f * f * s) for f, s in zip(jax.tree.leaves(factors),
-                                              jax.tree.leaves(measured.squares))]
+          [
+            jnp.sum(f * f * s)
+            for f, s in zip(jax.tree.leaves(factors), jax.tree.leaves(measured.squares))
+          ]
         )
       ),
-      clipped_fraction=_fraction(norms.total([jnp.sum(o) for o in jax.tree.leaves(over)]),
-                                 unit_count),
+      clipped_fraction=_fraction(
+        norms.total([jnp.sum(o) for o in jax.tree.leaves(over)]), unit_count
+      ),
       threshold=_mean_threshold(threshold),
       layer_norms=jnp.zeros((0,), jnp.float32),
     )
@@ -325,8 +326,10 @@ class Element(Granularity):
     leaves = jax.tree.leaves(tree)
     size = sum(x.size for x in leaves)
     over = norms.total(
-      [jnp.sum(norms.exceeds(m, c)) for m, c in zip(jax.tree.leaves(measured.norms),
-                                                    jax.tree.leaves(threshold))]
+      [
+        jnp.sum(norms.exceeds(m, c))
+        for m, c in zip(jax.tree.leaves(measured.norms), jax.tree.leaves(threshold))
+      ]
     )
     clipped_squares = norms.total([norms.sum_of_squares(x) for x in jax.tree.leaves(clipped)])
     summary = Summary(

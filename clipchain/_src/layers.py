@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 
@@ -18,7 +18,7 @@ import jax
 #   "leaf" / "module"  every leaf / every parent node (a Flax module: its kernel, bias, ...);
 #   {name: regex}      leaves whose path matches a regex (first match in order) form layer ``name``;
 #   callable           ``fn(path: str, leaf) -> str`` returns the layer name of a leaf.
-LayersSpec = Union[None, str, Mapping[str, str], Callable[[str, Any], str]]
+LayersSpec = None | str | Mapping[str, str] | Callable[[str, Any], str]
 
 _BY_NAME = ("leaf", "module")
 
@@ -68,7 +68,9 @@ def validate_layers(layers: LayersSpec) -> LayersSpec:
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ValueError(f"layers[{name!r}] is not a valid regular expression: {pattern!r} ({e}).")
+        raise ValueError(
+          f"layers[{name!r}] is not a valid regular expression: {pattern!r} ({e})."
+        ) from None
     return dict(layers)
   raise ValueError(
     f"layers must be None, one of {list(_BY_NAME)}, a mapping of layer name to regex, or a "

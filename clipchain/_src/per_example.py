@@ -105,9 +105,7 @@ def per_example_layer_norm_clip(grads, global_l2_norm_clip, uniform: bool = True
   summed, clipped = [], []
   for g in leaves:
     share = 1.0 / len(leaves) if uniform else g[0].size / total_size
-    s, n = _clip_and_sum(
-      g, norms.safe_sqrt(_example_squares(g)), global_l2_norm_clip * share**0.5
-    )
+    s, n = _clip_and_sum(g, norms.safe_sqrt(_example_squares(g)), global_l2_norm_clip * share**0.5)
     summed.append(s)
     clipped.append(n)
   return jax.tree.unflatten(treedef, summed), jax.tree.unflatten(treedef, clipped)

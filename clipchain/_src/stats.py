@@ -9,7 +9,6 @@ finds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -33,7 +32,8 @@ def register_state(*static_fields: str):
       return children, tuple(getattr(state, f) for f in static_fields)
 
     def flatten(state):
-      return tuple(getattr(state, f) for f in dynamic), tuple(getattr(state, f) for f in static_fields)
+      static = tuple(getattr(state, f) for f in static_fields)
+      return tuple(getattr(state, f) for f in dynamic), static
 
     def unflatten(aux, children):
       return cls(**dict(zip(dynamic, children)), **dict(zip(static_fields, aux)))
@@ -78,9 +78,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     (5.0, 1.0)
   """
   found = [
-    node
-    for node in jax.tree.leaves(opt_state, is_leaf=_is_reporting)
-    if _is_reporting(node)
+    node for node in jax.tree.leaves(opt_state, is_leaf=_is_reporting) if _is_reporting(node)
   ]
   seen: dict[str, int] = {}
   out: dict[str, jax.Array] = {}
@@ -91,8 +89,3 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     for key, value in node.report().items():
       out[f"{prefix}/{key}"] = value
   return out
-
-
-def prefixed(prefix: str, report: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """``{"a": x}`` as ``{"prefix/a": x}``."""
-  return {f"{prefix}/{k}": v for k, v in report.items()}

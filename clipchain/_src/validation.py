@@ -1,4 +1,4 @@
-"""Construction-time checks: bad hyperparameters fail early, with the argument and the value named."""
+"""Construction-time checks: bad hyperparameters fail early, naming the argument and the value."""
 
 from __future__ import annotations
 

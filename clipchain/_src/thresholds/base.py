@@ -43,8 +43,9 @@ class ThresholdPolicy(abc.ABC):
   """How a clip threshold is set. Subclass it to write a new adaptive method.
 
   Subclasses implement :meth:`__call__` and, when they keep state, :meth:`init`; they may refuse a
-  granularity where they are not meaningful in :meth:`check_granularity`, and expose internal
-  estimates through :meth:`report`.
+  granularity where they are not meaningful in :meth:`check_granularity`. A state (a
+  ``NamedTuple`` of arrays) that defines ``report(self) -> dict[str, jax.Array]`` has its internal
+  estimates included in :func:`clipchain.stats`; per-layer vectors are keyed by layer.
   """
 
   def check_granularity(self, granularity: Granularity) -> None:  # noqa: B027
@@ -58,8 +59,3 @@ class ThresholdPolicy(abc.ABC):
   @abc.abstractmethod
   def __call__(self, norms, state, context: Context) -> tuple[Any, Any]:
     """Returns ``(threshold, new_state)``; the threshold broadcasts against ``norms``."""
-
-  def report(self, state) -> dict[str, jax.Array]:
-    """Internal estimates worth logging (exposed through :func:`clipchain.stats`)."""
-    del state
-    return {}
