@@ -45,7 +45,8 @@ class ClipNormState(NamedTuple):
     threshold: the threshold applied: a scalar; one per layer with the layer granularity; the mean
       over groups for per-unit or per-element thresholds that differ.
     clipped_fraction: the fraction of groups (the tree, layers, units or values) scaled down.
-    layer_norms: the norm of each layer before clipping (layer granularity; else empty).
+    layer_norms: the norm of each layer before clipping (layer granularity; else ``()``: Orbax
+      cannot save a zero-size array).
     policy_state: the threshold policy's own state.
     name: the name under which :func:`clipchain.stats` reports (static, not an array).
     layer_names: the path of each layer (static).
@@ -56,7 +57,7 @@ class ClipNormState(NamedTuple):
   clipped_norm: jax.Array
   threshold: jax.Array
   clipped_fraction: jax.Array
-  layer_norms: jax.Array
+  layer_norms: jax.Array | tuple[()]
   policy_state: Any
   name: str = "clip_norm"
   layer_names: tuple[str, ...] = ()
@@ -144,7 +145,7 @@ def clip_norm(
       clipped_norm=zero,
       threshold=jnp.zeros(groups.norms.shape if groups.names else (), jnp.float32),
       clipped_fraction=zero,
-      layer_norms=jnp.zeros((len(groups.names),), jnp.float32),
+      layer_norms=jnp.zeros((len(groups.names),), jnp.float32) if groups.names else (),
       policy_state=policy.init(groups),
       name=name,
       layer_names=groups.names,
@@ -152,6 +153,11 @@ def clip_norm(
 
   def update_fn(updates, state, params=None):
     groups = where.groups(updates)
+    if groups.names != state.layer_names:
+      raise ValueError(
+        f"{name}: the updates' layers {list(groups.names)} differ from those the state was "
+        f"initialised with {list(state.layer_names)}; call init on a tree shaped like the updates."
+      )
     measured = where.measure(updates)
     context = Context(count=state.count, params=params, groups=groups)
     limit, policy_state = policy(measured.norms, state.policy_state, context)
@@ -167,7 +173,7 @@ def clip_norm(
       clipped_norm=summary.clipped_norm,
       threshold=summary.threshold,
       clipped_fraction=summary.clipped_fraction,
-      layer_norms=summary.layer_norms,
+      layer_norms=summary.layer_norms if state.layer_names else (),
       policy_state=policy_state,
     )
     return clipped, new_state

@@ -254,7 +254,7 @@ class Unit(Granularity):
     return tuple(a + k for a in axes)
 
   def _axes(self, tree) -> list[tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = layers_lib.flatten_with_path(tree)
     return [self.reduce_axes(jnp.shape(x), layers_lib.path_str(p)) for p, x in flat]
 
   def groups(self, tree) -> Groups:
@@ -320,7 +320,7 @@ class Element(Granularity):
     def clip_leaf(x, c):
       acc = norms.accumulation_dtype(x.dtype)
       c = c.astype(acc)
-      return jnp.clip(x.astype(acc), -c, c).astype(x.dtype)
+      return jnp.clip(x.astype(acc), -c, c).astype(norms.output_dtype(x.dtype))
 
     clipped = jax.tree.map(clip_leaf, tree, threshold)
     leaves = jax.tree.leaves(tree)

@@ -8,6 +8,7 @@ written as ``"params/Dense_0/kernel"``; these strings name layers in statistics 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -40,9 +41,30 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
+def is_nnx_variable(node) -> bool:
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(node, nnx.Variable)
+
+
+def flatten_with_path(tree) -> list[tuple[tuple, Any]]:
+  """``jax.tree_util.tree_flatten_with_path(tree)[0]``, except that the leaf of a Flax NNX
+  ``Variable`` is named by the Variable's own path, without its trailing ``value`` key.
+
+  ``nnx.Optimizer`` calls ``init`` on a state of Variables but ``update`` on plain arrays; both
+  must give the same layer names, and ``"module"`` must group a module's kernel and bias.
+  """
+  flat = []
+  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]:
+    if is_nnx_variable(node):
+      flat.extend((path + p[1:], x) for p, x in jax.tree_util.tree_flatten_with_path(node)[0])
+    else:
+      flat.append((path, node))
+  return flat
+
+
 def leaf_paths(tree) -> list[str]:
   """The path string of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [path_str(p) for p, _ in flatten_with_path(tree)]
 
 
 def validate_layers(layers: LayersSpec) -> LayersSpec:
@@ -91,7 +113,7 @@ class Grouping(NamedTuple):
 
 def resolve(layers: LayersSpec, tree) -> Grouping:
   """Assigns each leaf of ``tree`` to a layer, from the tree's structure alone."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat = flatten_with_path(tree)
   paths = [path_str(p) for p, _ in flat]
   if layers is None or layers == "leaf":
     keys = paths

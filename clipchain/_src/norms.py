@@ -6,8 +6,9 @@ Three rules hold everywhere in clipchain and live only here:
   stall and fp16 sums do not overflow;
 * the square root and the clip scale are written so that neither the value nor ``jax.grad`` through
   them is NaN at a zero norm or a zero threshold;
-* a scale is applied as one fused multiply in float32 and cast back, so updates keep their dtype and
-  no gradient-sized temporary is created.
+* a scale is applied as one fused multiply in float32 and cast back, so updates keep their dtype
+  (integer updates come out in float32 rather than truncated) and no gradient-sized temporary is
+  created.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def accumulation_dtype(dtype) -> jnp.dtype:
   if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits > 32:
     return jnp.dtype(dtype)
   return jnp.dtype(jnp.float32)
+
+
+def output_dtype(dtype) -> jnp.dtype:
+  """The dtype a clipped update comes out in: its own, except that integers, which a fractional
+  scale or threshold cannot be applied to without truncation, come out in float32 (as in optax)."""
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return jnp.dtype(dtype)
+  return accumulation_dtype(dtype)
 
 
 def squares(x: jax.Array) -> jax.Array:
@@ -75,4 +84,4 @@ def scale(x: jax.Array, factor: jax.Array) -> jax.Array:
   acc = accumulation_dtype(x.dtype)
   if jnp.iscomplexobj(x):
     return (x * factor.astype(acc)).astype(x.dtype)
-  return (x.astype(acc) * factor.astype(acc)).astype(x.dtype)
+  return (x.astype(acc) * factor.astype(acc)).astype(output_dtype(x.dtype))

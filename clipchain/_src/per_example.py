@@ -35,7 +35,7 @@ def _clip_and_sum(grads, example_norms: jax.Array, clip_norm) -> tuple:
 
   def weighted_sum(g):
     acc = norms.accumulation_dtype(g.dtype)
-    out_dtype = g.dtype if jnp.issubdtype(g.dtype, jnp.inexact) else acc
+    out_dtype = norms.output_dtype(g.dtype)
     return jnp.tensordot(multipliers.astype(acc), g.astype(acc), axes=1).astype(out_dtype)
 
   return jax.tree.map(weighted_sum, grads), num_clipped

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+from clipchain._src import layers
+
 _REPORTING_TYPES: list[type] = []
 
 
@@ -43,6 +45,10 @@ def register_state(*static_fields: str):
     return cls
 
   return decorate
+
+
+def _unwrap(x):
+  return x.get_value() if layers.is_nnx_variable(x) else x
 
 
 def _is_reporting(node) -> bool:
@@ -81,11 +87,18 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     node for node in jax.tree.leaves(opt_state, is_leaf=_is_reporting) if _is_reporting(node)
   ]
   seen: dict[str, int] = {}
+  used: set[str] = set()
   out: dict[str, jax.Array] = {}
   for node in found:
+    # Flax NNX keeps optimizer-state arrays inside Variables (nnx.Optimizer's OptArray).
+    node = jax.tree.map(_unwrap, node, is_leaf=layers.is_nnx_variable)
     k = seen.get(node.name, 0)
-    seen[node.name] = k + 1
     prefix = node.name if k == 0 else f"{node.name}_{k}"
+    while prefix in used:  # another state may be named "x_1" explicitly: never overwrite it
+      k += 1
+      prefix = f"{node.name}_{k}"
+    seen[node.name] = k + 1
+    used.add(prefix)
     for key, value in node.report().items():
       out[f"{prefix}/{key}"] = value
   return out
