@@ -1,0 +1,398 @@
+"""Cost of clipping inside a jitted optimizer step: step time, compile time, memory, fusions.
+
+Every variant is timed in the same process, on the same inputs, in one round-robin loop, so that
+machine noise hits each variant equally. The step is the one a training loop runs::
+
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  jax.jit(step, donate_argnums=(0, 1))
+
+Each row reports the median step time, its ratio to ``adam`` alone (the median of the ratios of
+steps timed in the same round, then the ratio of the medians), the compile time, the number of
+fusions in the optimized HLO and XLA's buffer assignment from ``compiled.memory_analysis()``: a
+temporary as large as the gradients (``temp / grads`` near 1) is the second gradient-sized buffer
+that ``optax.clip_by_global_norm`` creates. ``adam (control)``, a second copy of the baseline,
+shows how far apart two identical steps measure.
+
+Usage::
+
+  python benchmarks/clip_step.py                  # both workloads, the table to paste in README
+  python benchmarks/clip_step.py --quick          # tiny sizes: a smoke run in seconds
+  python benchmarks/clip_step.py --workloads large --repeats 200 --json out.json
+
+To add a variant, add one line to ``VARIANTS``: a name and a function returning the transform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import clipchain
+
+LEARNING_RATE = 1e-3
+MAX_NORM = 1.0
+BASELINE = "adam"
+# A second, identical copy of the baseline: its ratio is the noise floor of the measurement.
+CONTROL = "adam (control)"
+
+
+def _adam() -> optax.GradientTransformation:
+  return optax.adam(LEARNING_RATE)
+
+
+# Name -> factory of the whole optimizer. Ratios are taken against BASELINE, which always runs.
+VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  "adam": _adam,
+  "optax clip + adam": lambda: optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()),
+  "clipchain clip + adam": lambda: optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam()),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """``leaves`` float32 parameters of ``shape`` each."""
+
+  name: str
+  leaves: int
+  shape: tuple[int, ...]
+
+  @property
+  def size(self) -> int:
+    n = self.leaves
+    for d in self.shape:
+      n *= d
+    return n
+
+  def describe(self) -> str:
+    dims = "x".join(map(str, self.shape))
+    size = f"{self.size / 1e6:.1f} M" if self.size >= 10**6 else f"{self.size:,}"
+    return f"{size} params, {self.leaves} leaves of {dims}"
+
+
+WORKLOADS = {
+  "large": Workload("large", 8, (2048, 1024)),
+  "many": Workload("many", 1000, (64, 64)),
+}
+QUICK_WORKLOADS = {
+  "large": Workload("large", 8, (128, 64)),
+  "many": Workload("many", 50, (8, 8)),
+}
+
+
+def make_tree(workload: Workload, seed: int) -> dict[str, jax.Array]:
+  key = jax.random.key(seed)
+  return {
+    f"w{i:04d}": jax.random.normal(jax.random.fold_in(key, i), workload.shape, jnp.float32)
+    for i in range(workload.leaves)
+  }
+
+
+def make_step(tx: optax.GradientTransformation):
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def count_fusions(hlo_text: str) -> int:
+  """Fusion instructions in optimized HLO text: roughly, the kernels launched per step."""
+  return len(re.findall(r"\bfusion\(", hlo_text))
+
+
+@dataclasses.dataclass
+class _Prepared:
+  """One variant's executable and the parameters and state it updates in place."""
+
+  compiled: Any
+  params: Any
+  opt_state: Any
+  row: dict[str, Any]
+
+  def call(self, grads) -> float:
+    start = time.perf_counter()
+    self.params, self.opt_state = self.compiled(self.params, self.opt_state, grads)
+    jax.block_until_ready((self.params, self.opt_state))
+    return time.perf_counter() - start
+
+
+def _prepare(name, factory, workload, grads, grad_bytes, dump_hlo: str | None) -> _Prepared:
+  tx = factory()
+  params = make_tree(workload, seed=1)
+  opt_state = tx.init(params)
+  jax.block_until_ready((params, opt_state))
+  start = time.perf_counter()
+  lowered = jax.jit(make_step(tx), donate_argnums=(0, 1)).lower(params, opt_state, grads)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+  memory = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  if dump_hlo:
+    os.makedirs(dump_hlo, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "_", f"{workload.name} {name}".lower()).strip("_")
+    with open(os.path.join(dump_hlo, f"{slug}.hlo.txt"), "w") as f:
+      f.write(hlo)
+  temp = int(memory.temp_size_in_bytes)
+  row = {
+    "variant": name,
+    "lower_s": lowered_at - start,
+    "compile_s": compiled_at - start,
+    "fusions": count_fusions(hlo),
+    "temp_bytes": temp,
+    "temp_over_grads": temp / grad_bytes,
+    "argument_bytes": int(memory.argument_size_in_bytes),
+    "output_bytes": int(memory.output_size_in_bytes),
+    "alias_bytes": int(memory.alias_size_in_bytes),
+  }
+  return _Prepared(compiled, params, opt_state, row)
+
+
+def run_workload(
+  workload: Workload,
+  variants: dict[str, Callable[[], optax.GradientTransformation]],
+  repeats: int,
+  warmup: int,
+  blocks: int | None = None,
+  dump_hlo: str | None = None,
+  log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+  """Times every variant on one workload; returns the workload's results.
+
+  The repetitions are split into ``blocks`` (default: one per variant). Each block compiles every
+  variant afresh, the compile order rotated by one per block, warms them up, then times them
+  round-robin in a new random order every round. With thousands of kernels per step, an
+  executable compiled later in the process runs measurably slower than an identical one compiled
+  earlier (up to ~10 % here); rotating the order gives every variant every position once.
+  """
+  grads = make_tree(workload, seed=0)
+  jax.block_until_ready(grads)
+  grad_bytes = sum(x.nbytes for x in jax.tree.leaves(grads))
+  names = list(variants)
+  blocks = min(len(names) if blocks is None else max(blocks, 1), repeats)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  rows: dict[str, dict[str, Any]] = {}
+  compile_s: dict[str, list[float]] = {name: [] for name in names}
+  rng = random.Random(0)
+  for block in range(blocks):
+    shift = block % len(names)
+    prepared = {}
+    for name in names[shift:] + names[:shift]:
+      log(f"[{workload.name}] block {block + 1}/{blocks}: compiling {name}")
+      prepared[name] = _prepare(
+        name, variants[name], workload, grads, grad_bytes, dump_hlo if block == 0 else None
+      )
+      rows.setdefault(name, prepared[name].row)
+      compile_s[name].append(prepared[name].row["compile_s"])
+    rounds = repeats // blocks + (block < repeats % blocks)
+    log(f"[{workload.name}] block {block + 1}/{blocks}: timing {len(names)} variants x {rounds}")
+    order = list(names)
+    for _ in range(warmup):
+      for name in order:
+        prepared[name].call(grads)
+    for _ in range(rounds):
+      rng.shuffle(order)
+      for name in order:
+        times[name].append(prepared[name].call(grads))
+    del prepared
+  base = times[BASELINE]
+  results = []
+  for name in names:
+    t = times[name]
+    quartiles = statistics.quantiles(t, n=4) if len(t) > 1 else t * 3
+    median = statistics.median(t)
+    results.append(
+      {
+        **rows[name],
+        "compile_s": statistics.median(compile_s[name]),
+        "compile_s_all": compile_s[name],
+        "median_ms": 1e3 * median,
+        "q1_ms": 1e3 * quartiles[0],
+        "q3_ms": 1e3 * quartiles[2],
+        "min_ms": 1e3 * min(t),
+        "ratio": median / statistics.median(base),
+        # Each step against the baseline's step of the same round: insensitive to slow drifts
+        # of the machine's load.
+        "paired_ratio": statistics.median([a / b for a, b in zip(t, base)]),
+        "times_ms": [1e3 * x for x in t],
+      }
+    )
+  return {
+    "workload": workload.name,
+    "description": workload.describe(),
+    "leaves": workload.leaves,
+    "shape": list(workload.shape),
+    "params": workload.size,
+    "grad_bytes": grad_bytes,
+    "repeats": len(base),
+    "warmup": warmup,
+    "blocks": blocks,
+    "variants": results,
+  }
+
+
+def machine() -> dict[str, Any]:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    if names:
+      cpu = names[0]
+  except OSError:
+    pass
+  return {
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "devices": [str(d) for d in jax.devices()],
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "clipchain": clipchain.__version__,
+  }
+
+
+def run(
+  workloads: Sequence[str] = tuple(WORKLOADS),
+  variants: dict[str, Callable[[], optax.GradientTransformation]] | None = None,
+  repeats: int = 100,
+  warmup: int = 5,
+  *,
+  blocks: int | None = None,
+  quick: bool = False,
+  control: bool = True,
+  dump_hlo: str | None = None,
+  log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+  """Runs the benchmark; returns ``{"machine", "quick", "workloads": [per-workload results]}``.
+
+  ``variants`` defaults to :data:`VARIANTS`; the baseline is added when missing, and with
+  ``control`` a second copy of it whose ratio shows how far apart two identical steps measure.
+  """
+  variants = dict(VARIANTS if variants is None else variants)
+  if BASELINE not in variants:
+    variants = {BASELINE: VARIANTS[BASELINE], **variants}
+  if control:
+    variants[CONTROL] = variants[BASELINE]
+  table = QUICK_WORKLOADS if quick else WORKLOADS
+  results = [
+    run_workload(table[w], variants, repeats, warmup, blocks, dump_hlo, log) for w in workloads
+  ]
+  return {"machine": machine(), "quick": quick, "workloads": results}
+
+
+def _bytes(n: int) -> str:
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{n} B"
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The results as a markdown table, with the machine they came from."""
+  m = results["machine"]
+  lines = [
+    f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, devices {', '.join(m['devices'])}; "
+    f"jax {m['jax']}, optax {m['optax']}, clipchain {m['clipchain']}, Python {m['python']}.",
+    "",
+    "| workload | variant | median ms (IQR) | vs adam: paired (medians) | compile s | fusions "
+    "| temp | temp / grads | args / out / alias |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for w in results["workloads"]:
+    label = f"{w['workload']}: {w['description']}"
+    for v in w["variants"]:
+      lines.append(
+        f"| {label} | {v['variant']} "
+        f"| {v['median_ms']:.2f} ({v['q1_ms']:.2f}-{v['q3_ms']:.2f}) "
+        f"| {v['paired_ratio']:.2f} ({v['ratio']:.2f}) | {v['compile_s']:.2f} | {v['fusions']} "
+        f"| {_bytes(v['temp_bytes'])} | {v['temp_over_grads']:.2f} "
+        f"| {' / '.join(_bytes(v[k]) for k in ('argument_bytes', 'output_bytes', 'alias_bytes'))} |"
+      )
+      label = ""
+  reps = sorted({(w["repeats"], w["blocks"], w["warmup"]) for w in results["workloads"]})
+  lines += [
+    "",
+    "Median of "
+    + ", ".join(f"{r} steps in {b} blocks, {u} warm-up steps per block" for r, b, u in reps)
+    + " per variant, round-robin; grads: "
+    + ", ".join(f"{w['workload']} {_bytes(w['grad_bytes'])}" for w in results["workloads"])
+    + (" (--quick sizes)." if results["quick"] else "."),
+  ]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--repeats", type=int, default=100, help="timed steps per variant")
+  parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
+  parser.add_argument(
+    "--workloads",
+    nargs="+",
+    choices=sorted(WORKLOADS),
+    default=list(WORKLOADS),
+    help="which workloads to run",
+  )
+  parser.add_argument(
+    "--variants",
+    nargs="+",
+    choices=list(VARIANTS),
+    default=None,
+    help=f"which variants to run ({BASELINE!r} always runs, as the baseline)",
+  )
+  parser.add_argument(
+    "--blocks",
+    type=int,
+    default=None,
+    help="compile-and-time blocks, the compile order rotated in each (default: one per variant)",
+  )
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+  parser.add_argument(
+    "--no-control",
+    dest="control",
+    action="store_false",
+    help=f"skip the {CONTROL!r} row (a second copy of the baseline, the noise floor)",
+  )
+  parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  parser.add_argument("--dump-hlo", metavar="DIR", help="write each optimized HLO module")
+  args = parser.parse_args(argv)
+  if args.repeats < 1 or args.warmup < 0 or (args.blocks is not None and args.blocks < 1):
+    parser.error("--repeats and --blocks must be >= 1, --warmup >= 0")
+  variants = None if args.variants is None else {v: VARIANTS[v] for v in args.variants}
+  results = run(
+    args.workloads,
+    variants,
+    args.repeats,
+    args.warmup,
+    blocks=args.blocks,
+    quick=args.quick,
+    control=args.control,
+    dump_hlo=args.dump_hlo,
+    log=lambda s: print(s, file=sys.stderr, flush=True),
+  )
+  print(markdown(results))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,107 @@
+"""Smoke test of benchmarks/clip_step.py at its --quick sizes: structure and memory, not timing."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "clip_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("clip_step", _SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  # dataclasses look their module up in sys.modules while the class is built.
+  sys.modules[spec.name] = module
+  try:
+    spec.loader.exec_module(module)
+    yield module
+  finally:
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def results(bench):
+  return bench.run(repeats=2, warmup=1, blocks=1, quick=True)
+
+
+def _rows(results, workload):
+  (w,) = [w for w in results["workloads"] if w["workload"] == workload]
+  return {v["variant"]: v for v in w["variants"]}, w
+
+
+def test_every_workload_and_variant_is_reported(bench, results):
+  assert results["quick"] is True
+  assert [w["workload"] for w in results["workloads"]] == list(bench.QUICK_WORKLOADS)
+  for w in results["workloads"]:
+    assert [v["variant"] for v in w["variants"]] == [*bench.VARIANTS, bench.CONTROL]
+    assert w["repeats"] == 2
+    assert w["grad_bytes"] == 4 * bench.QUICK_WORKLOADS[w["workload"]].size
+
+
+@pytest.mark.parametrize("workload", ["large", "many"])
+def test_numbers_are_positive_and_finite(results, workload):
+  rows, _ = _rows(results, workload)
+  assert rows["adam"]["ratio"] == 1.0
+  assert rows["adam"]["paired_ratio"] == 1.0
+  for v in rows.values():
+    for key in ("median_ms", "min_ms", "ratio", "paired_ratio", "compile_s"):
+      assert math.isfinite(v[key]) and v[key] > 0, (v["variant"], key, v[key])
+    assert len(v["times_ms"]) == 2
+    assert v["fusions"] > 0
+    assert v["argument_bytes"] > 0 and v["output_bytes"] > 0
+
+
+@pytest.mark.parametrize("workload", ["large", "many"])
+def test_clipchain_has_no_gradient_sized_temporary(results, workload):
+  rows, w = _rows(results, workload)
+  assert rows["clipchain clip + adam"]["temp_bytes"] < 0.5 * w["grad_bytes"]
+  # The detector works: optax's clip materialises t / g * c, a buffer the size of the gradients.
+  assert rows["optax clip + adam"]["temp_bytes"] >= w["grad_bytes"]
+  # Donation holds: params and both Adam moments are updated in place.
+  assert rows["clipchain clip + adam"]["alias_bytes"] >= 3 * w["grad_bytes"]
+
+
+def test_identical_programs_have_identical_memory_and_fusions(results):
+  for w in results["workloads"]:
+    rows = {v["variant"]: v for v in w["variants"]}
+    for key in ("fusions", "temp_bytes", "argument_bytes", "output_bytes", "alias_bytes"):
+      assert rows["adam"][key] == rows["adam (control)"][key]
+
+
+def test_markdown_names_the_machine_and_every_row(bench, results):
+  text = bench.markdown(results)
+  assert text.startswith("Machine: ")
+  for w in results["workloads"]:
+    for v in w["variants"]:
+      assert f"| {v['variant']} |" in text
+
+
+def test_command_line_writes_json(bench, tmp_path, capsys):
+  path = tmp_path / "out.json"
+  bench.main(
+    [
+      "--quick",
+      "--workloads",
+      "large",
+      "--variants",
+      "clipchain clip + adam",
+      "--no-control",
+      "--repeats",
+      "2",
+      "--warmup",
+      "0",
+      "--json",
+      str(path),
+    ]
+  )
+  saved = json.loads(path.read_text())
+  assert [v["variant"] for v in saved["workloads"][0]["variants"]] == [
+    "adam",
+    "clipchain clip + adam",
+  ]
+  assert "| clipchain clip + adam |" in capsys.readouterr().out
