@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from harness import updater
 
 import clipchain
 
@@ -136,17 +137,6 @@ def random_tree(seed: int, dtypes):
     return jnp.asarray(rng.normal(size=node) * 10.0 ** rng.uniform(-1, 1), dtypes(path))
 
   return make(SHAPES, "")
-
-
-@functools.cache
-def updater(make_tx):
-  """``(updates, threshold) -> (updates, state)``: one function per factory for ``jax.jit``."""
-
-  def update(updates, threshold):
-    tx = make_tx(threshold)
-    return tx.update(updates, tx.init(updates))
-
-  return update
 
 
 def as_float32(tree):

@@ -6,7 +6,6 @@ switching the import must not change a single value beyond float32 rounding.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import chex
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from harness import updater
 
 import clipchain
 
@@ -87,20 +87,8 @@ def largest_group(name: str, tree) -> float:
   return max(float(np.sqrt(np.mean(x * x))) for x in leaves)
 
 
-@functools.cache
-def updater(make_tx):
-  """``(updates, threshold) -> updates``, one function per factory so that ``jax.jit`` compiles it
-  once per tree shape, with the threshold as a traced argument."""
-
-  def update(updates, threshold):
-    tx = make_tx(threshold)
-    return tx.update(updates, tx.init(updates))[0]
-
-  return update
-
-
 def updates_of(make_tx, threshold, tree, maybe_jit):
-  return maybe_jit(updater(make_tx))(tree, threshold)
+  return maybe_jit(updater(make_tx))(tree, threshold)[0]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import updater
 
 import clipchain
 from clipchain.granularity import Layer, Unit
@@ -179,18 +180,6 @@ def assert_scalar_stats(state, ref, threshold):
   assert state.threshold.shape == ()
   np.testing.assert_allclose(float(state.threshold), threshold, rtol=1e-6)
   assert np.size(state.layer_norms) == 0  # no layers: nothing per layer
-
-
-@functools.cache
-def updater(make_tx):
-  """``(updates, threshold) -> (clipped, state)``: one function per transform, so that ``jax.jit``
-  compiles it once per tree shape, with the threshold as a traced argument."""
-
-  def update(updates, threshold):
-    tx = make_tx(threshold)
-    return tx.update(updates, tx.init(updates))
-
-  return update
 
 
 def run(make_tx, threshold, tree, maybe_jit):

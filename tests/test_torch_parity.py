@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from harness import updater
 
 import clipchain
 
@@ -32,15 +31,6 @@ def torch_params(leaves):
     p.grad = torch.from_numpy(np.array(x))
     params.append(p)
   return params
-
-
-@functools.cache
-def updater(make_tx):
-  def update(updates, threshold):
-    tx = make_tx(threshold)
-    return tx.update(updates, tx.init(updates))
-
-  return update
 
 
 def clip_by_global_norm_named(c):
