@@ -9,7 +9,12 @@ collected by :func:`stats`.
 from clipchain import granularity, thresholds
 from clipchain._src.clip_norm import ClipNormState, clip_norm
 from clipchain._src.per_example import per_example_global_norm_clip, per_example_layer_norm_clip
-from clipchain._src.presets.basic import clip, clip_by_block_rms, clip_by_global_norm, clip_by_layer_norm
+from clipchain._src.presets.basic import (
+  clip,
+  clip_by_block_rms,
+  clip_by_global_norm,
+  clip_by_layer_norm,
+)
 from clipchain._src.stats import stats
 from clipchain._version import __version__
 
