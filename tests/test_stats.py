@@ -277,3 +277,21 @@ def test_float32_and_fixed_shapes(make, kind, threshold, layers):
   assert jax.tree.structure(state0) == jax.tree.structure(state1)
   for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state1)):
     assert a.shape == b.shape and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("granularity", ["global", "layer", "unit", "element"])
+def test_nonfinite_gradient_is_reported_not_hidden(granularity, bad):
+  """A NaN or Inf value makes the reported norm non-finite (never 0) and never passes unclipped."""
+  grads = {"a": jnp.array([bad, 1.0]), "b": jnp.array([[3.0, 4.0]])}
+  tx = clipchain.clip_norm(1.0, granularity=granularity)
+  updates, state = tx.update(grads, tx.init(grads))
+  norm = float(clipchain.stats(state)["clip_norm/norm"])
+  assert np.isnan(norm) if np.isnan(bad) else norm == np.inf
+  first = np.asarray(updates["a"])[0]
+  if granularity == "element" and np.isinf(bad):
+    # Per value, +-Inf is clipped to +-c, as optax.clip and torch's clip_grad_value_ do.
+    assert first == np.sign(bad) * 1.0
+  else:
+    # A norm-based clip never turns the bad value into a finite number.
+    assert not np.isfinite(first)

@@ -59,9 +59,9 @@ def total(values: list[jax.Array]) -> jax.Array:
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
-  """``sqrt(x)`` whose gradient is 0 rather than NaN at ``x == 0``."""
-  positive = x > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+  """``sqrt(x)`` whose gradient is 0 rather than NaN at ``x == 0``; NaN and Inf stay NaN and Inf."""
+  zero = x == 0
+  return jnp.where(zero, 0.0, jnp.sqrt(jnp.where(zero, 1.0, x)))
 
 
 def exceeds(norm: jax.Array, threshold: jax.Array) -> jax.Array:
