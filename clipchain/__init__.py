@@ -9,18 +9,27 @@ collected by :func:`stats`.
 from clipchain import granularity, thresholds
 from clipchain._src.clip_norm import ClipNormState, clip_norm
 from clipchain._src.per_example import per_example_global_norm_clip, per_example_layer_norm_clip
+from clipchain._src.presets.adagc import adagc
+from clipchain._src.presets.agc import adaptive_grad_clip
+from clipchain._src.presets.autoclip import autoclip
 from clipchain._src.presets.basic import (
   clip,
   clip_by_block_rms,
   clip_by_global_norm,
   clip_by_layer_norm,
 )
+from clipchain._src.presets.quantile import quantile_clip
+from clipchain._src.presets.spam import spam_clip
+from clipchain._src.presets.zclip import zclip
 from clipchain._src.stats import stats
 from clipchain._version import __version__
 
 __all__ = [
   "ClipNormState",
   "__version__",
+  "adagc",
+  "adaptive_grad_clip",
+  "autoclip",
   "clip",
   "clip_by_block_rms",
   "clip_by_global_norm",
@@ -29,6 +38,9 @@ __all__ = [
   "granularity",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
+  "quantile_clip",
+  "spam_clip",
   "stats",
   "thresholds",
+  "zclip",
 ]

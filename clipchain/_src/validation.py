@@ -39,7 +39,11 @@ def check_in_range(
   """Raises ``ValueError`` unless ``low <= value <= high`` (bounds optionally open)."""
   if not is_concrete(value):
     return
-  if not isinstance(value, numbers.Real) and np.ndim(value) != 0:
+  is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+  is_scalar_array = (
+    hasattr(value, "dtype") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.number)
+  )
+  if not (is_number or is_scalar_array):
     raise ValueError(f"{name} must be a number; got {value!r}.")
   v = float(value)
   ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)

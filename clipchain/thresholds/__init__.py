@@ -5,6 +5,24 @@ To write a new one, subclass :class:`ThresholdPolicy`.
 """
 
 from clipchain._src.thresholds.base import Context, EmptyState, ThresholdPolicy
+from clipchain._src.thresholds.ema_ratio import EMARatio
 from clipchain._src.thresholds.fixed import Fixed, Scheduled
+from clipchain._src.thresholds.percentile import Percentile
+from clipchain._src.thresholds.quantile import QuantileTracker
+from clipchain._src.thresholds.relative import RelativeToParams
+from clipchain._src.thresholds.second_moment import SecondMoment
+from clipchain._src.thresholds.zscore import ZScore
 
-__all__ = ["Context", "EmptyState", "Fixed", "Scheduled", "ThresholdPolicy"]
+__all__ = [
+  "Context",
+  "EMARatio",
+  "EmptyState",
+  "Fixed",
+  "Percentile",
+  "QuantileTracker",
+  "RelativeToParams",
+  "Scheduled",
+  "SecondMoment",
+  "ThresholdPolicy",
+  "ZScore",
+]

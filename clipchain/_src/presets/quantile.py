@@ -1,0 +1,56 @@
+"""Quantile clipping: clip to an online estimate of a quantile of the norms (Andrew et al. 2021)."""
+
+from __future__ import annotations
+
+from clipchain._src.clip_norm import clip_norm
+from clipchain._src.granularity import Granularity
+from clipchain._src.thresholds.quantile import QuantileTracker
+
+
+def quantile_clip(
+  target_quantile=0.5,
+  learning_rate=0.2,
+  initial_threshold=0.1,
+  granularity: str | Granularity = "global",
+  *,
+  name: str = "quantile_clip",
+):
+  """Clips updates to a running estimate of the ``target_quantile`` of their norms.
+
+  The threshold ``C`` starts at ``initial_threshold`` and after each update moves geometrically,
+  ``C ← C · exp(-learning_rate · (1[‖g‖ <= C] - target_quantile))``, so that in the long run a
+  fraction ``target_quantile`` of the updates is left unclipped. The update of step ``t`` is
+  clipped to ``C_t``, the estimate before it is seen. A streaming AutoClip: O(1) memory per group
+  instead of a history of norms. For the optional clamps of ``C`` use
+  :class:`clipchain.thresholds.QuantileTracker` with :func:`clipchain.clip_norm`.
+
+  Args:
+    target_quantile: the fraction of updates left unclipped at equilibrium, in ``[0, 1]``.
+    learning_rate: the step size ``η`` of the geometric update, > 0.
+    initial_threshold: the first threshold ``C_0``, > 0. ``C`` moves by a factor of at most
+      ``exp(learning_rate)`` per step, so start it near the expected norm.
+    granularity: ``"global"`` (one tracker), ``"layer"`` (one per layer), ``"unit"``, or a
+      :mod:`clipchain.granularity` object; not ``"element"``.
+    name: the name under which :func:`clipchain.stats` reports.
+
+  Returns:
+    An ``optax.GradientTransformation``; ``threshold`` in its statistics is the ``C`` applied at
+    the last update.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipchain
+    >>> tx = optax.chain(clipchain.quantile_clip(initial_threshold=1.0), optax.sgd(1.0))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
+    >>> updates["w"]
+    Array([-0.6, -0.8], dtype=float32)
+    >>> float(clipchain.stats(state)["quantile_clip/threshold"])
+    1.0
+
+  References:
+    Andrew et al., `Differentially Private Learning with Adaptive Clipping
+    <https://arxiv.org/abs/1905.03871>`_, 2021
+  """
+  policy = QuantileTracker(target_quantile, learning_rate, initial_threshold)
+  return clip_norm(policy, granularity=granularity, name=name)

@@ -1,0 +1,72 @@
+"""A threshold relative to the parameters' own norm (AGC, adaptive gradient clipping)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from clipchain._src.thresholds.base import Context, ThresholdPolicy
+from clipchain._src.validation import check_non_negative
+
+
+class RelativeToParams(ThresholdPolicy):
+  """The threshold ``clipping * max(‖W‖, eps)``, ``‖W‖`` the params measured like the updates.
+
+  Each group of the update (the tree, a layer, a unit or a value, by the granularity) is allowed a
+  norm of at most ``clipping`` times the norm of the same group of the params: the policy of
+  adaptive gradient clipping (AGC) when the granularity is ``Unit``. ``eps`` keeps
+  zero-initialised params (biases, gains) from being frozen. Stateless; it needs the params, so
+  the transform must be called as ``tx.update(updates, state, params)``.
+
+  Args:
+    clipping: the largest allowed ratio of an update's norm to its params' norm (``λ``), a
+      finite number >= 0.
+    eps: the smallest params norm the ratio is taken against, a finite number >= 0.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipchain
+    >>> policy = clipchain.thresholds.RelativeToParams(0.1)
+    >>> tx = clipchain.clip_norm(policy, granularity="layer")
+    >>> params = {"w": jnp.array([3.0, 4.0])}
+    >>> u, _ = tx.update({"w": jnp.array([1.0, 0.0])}, tx.init(params), params)
+    >>> u["w"]
+    Array([0.5, 0. ], dtype=float32)
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without Normalization
+    <https://arxiv.org/abs/2102.06171>`_, 2021
+  """
+
+  def __init__(self, clipping, eps=1e-3):
+    check_non_negative("clipping", clipping)
+    check_non_negative("eps", eps)
+    self.clipping = clipping
+    self.eps = eps
+
+  def __call__(self, norms, state, context: Context):
+    if context.params is None:
+      raise ValueError(
+        "RelativeToParams (adaptive gradient clipping, AGC) sets the threshold from the params' "
+        "norm and needs the params: call tx.update(updates, state, params)."
+      )
+    granularity = context.groups.granularity
+    expected = context.groups.norms
+    got = granularity.groups(context.params).norms
+    if jax.tree.structure(got) != jax.tree.structure(expected) or [
+      x.shape for x in jax.tree.leaves(got)
+    ] != [x.shape for x in jax.tree.leaves(expected)]:
+      raise ValueError(
+        "RelativeToParams: the params passed to update must have the structure and shapes of the "
+        f"updates; at granularity {granularity!r} the updates give norms shaped "
+        f"{jax.tree.map(jnp.shape, expected)} and the params {jax.tree.map(jnp.shape, got)}."
+      )
+    clipping = jnp.asarray(self.clipping, jnp.float32)
+    eps = jnp.asarray(self.eps, jnp.float32)
+    param_norms = granularity.measure(context.params).norms
+    threshold = jax.tree.map(
+      lambda p: clipping * jnp.maximum(p.astype(jnp.float32), eps), param_norms
+    )
+    return threshold, state
+
+  def __repr__(self) -> str:
+    return f"RelativeToParams(clipping={self.clipping!r}, eps={self.eps!r})"

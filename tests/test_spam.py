@@ -1,0 +1,444 @@
+"""SPAM's spike clipping (``thresholds.SecondMoment``, ``spam_clip``) against a float64 NumPy model.
+
+The model is the spike test of the reference SPAM optimizer (Huang et al. 2025), written from its
+equations: with ``v`` the second moment of the previous step, values with ``g**2 > theta * v``
+become ``sign(g) * sqrt(theta * v)``, then ``v <- beta2 * v + (1 - beta2) * g**2`` with the
+clipped ``g``; nothing is clipped during the warmup. Sequences carry single-value spikes of
+100x-1000x, a whole-leaf spike and non-finite steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import clipchain
+from clipchain.thresholds import SecondMoment
+
+SHAPES = {"Dense_0": {"kernel": (6, 8), "bias": (8,)}, "head": {"kernel": (8, 3)}}
+PATHS = ("Dense_0/bias", "Dense_0/kernel", "head/kernel")
+RTOL = 1e-5
+
+
+def shape_of(path: str):
+  node = SHAPES
+  for key in path.split("/"):
+    node = node[key]
+  return node
+
+
+def nest(flat):
+  out = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = out
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return out
+
+
+def flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else key
+    out.update(flat(value, path) if isinstance(value, dict) else {path: np.asarray(value)})
+  return out
+
+
+def make_sequence(steps, seed, *, spikes=(), leaf_spikes=(), nonfinite=(), zero=()):
+  """Random gradients, each leaf at its own scale; ``spikes``: ``(step, path, index, factor)``
+  on one value; ``leaf_spikes``: ``(step, path, factor)``; ``nonfinite``: ``(step, path, value)``;
+  ``zero``: ``(steps, path, index)``, that value is 0 at those steps."""
+  rng = np.random.default_rng(seed)
+  base = {p: 10 ** rng.uniform(-1.0, 1.0) for p in PATHS}
+  seq = [
+    {p: base[p] * (1.0 + 0.3 * math.sin(t / 10.0)) * rng.normal(size=shape_of(p)) for p in PATHS}
+    for t in range(steps)
+  ]
+  for t, p, index, factor in spikes:
+    seq[t][p].flat[index] *= factor
+  for t, p, factor in leaf_spikes:
+    seq[t][p] = seq[t][p] * factor
+  for zero_steps, p, index in zero:
+    for t in zero_steps:
+      seq[t][p].flat[index] = 0.0
+  for t, p, value in nonfinite:
+    seq[t][p].flat[0] = value
+  return [{p: g[p].astype(np.float32).astype(np.float64) for p in PATHS} for g in seq]
+
+
+def stacked(seq):
+  return nest({p: jnp.asarray(np.stack([g[p] for g in seq]), jnp.float32) for p in PATHS})
+
+
+@functools.cache
+def scanner(tx):
+  @jax.jit
+  def scanned(state, grads):
+    def step(state, g):
+      updates, state = tx.update(g, state)
+      return state, (updates, state.policy_state, state.clipped_fraction, state.threshold)
+
+    return jax.lax.scan(step, state, grads)
+
+  return scanned
+
+
+def run(tx, seq, *, with_thresholds=False):
+  """Every step's updates, policy states and clipped fractions (and reported thresholds), from
+  one jitted ``lax.scan``."""
+  grads = stacked(seq)
+  state = tx.init(jax.tree.map(lambda x: x[0], grads))
+  final, (updates, policy, fraction, thresholds) = scanner(tx)(state, grads)
+  out = final, flat(updates), policy, np.asarray(fraction)
+  return (*out, np.asarray(thresholds)) if with_thresholds else out
+
+
+def moments_by_path(policy_state):
+  """The per-value ``v`` of the element granularity, keyed by path (leaves in ``PATHS`` order)."""
+  return dict(zip(PATHS, (np.asarray(v) for v in policy_state.moment)))
+
+
+def spam_reference(seq, *, threshold, beta2, warmup_steps, clip_at_zero_v=False):
+  """Per step: the clipped gradients (``None`` at a non-finite step), ``v`` and the spike masks.
+
+  A value whose ``v`` is 0 has no limit, as in clipchain; the SPAM optimizer clips it to 0
+  (``clip_at_zero_v=True``), which only matters for values that were exactly 0 at every step or
+  without a warmup."""
+  v = {p: np.zeros(shape_of(p)) for p in PATHS}
+  outs, moments, masks = [], [], []
+  for t, g in enumerate(seq):
+    if not all(np.isfinite(x).all() for x in g.values()):
+      outs.append(None)
+      moments.append({p: x.copy() for p, x in v.items()})
+      masks.append(None)
+      continue
+    out, mask = {}, {}
+    for p in PATHS:
+      x = g[p].copy()
+      mask[p] = np.zeros(x.shape, bool)
+      if t >= warmup_steps:
+        mask[p] = x**2 > threshold * v[p]
+        if not clip_at_zero_v:
+          mask[p] &= v[p] > 0
+        x = np.where(mask[p], np.sign(x) * np.sqrt(threshold * v[p]), x)
+      v[p] = beta2 * v[p] + (1 - beta2) * x * x
+      out[p] = x
+    outs.append(out)
+    moments.append({p: x.copy() for p, x in v.items()})
+    masks.append(mask)
+  return outs, moments, masks
+
+
+def check_against(seq, reference, updates, moments, fractions, *, threshold, warmup_steps):
+  outs, ref_moments, masks = reference
+  size = sum(math.prod(shape_of(p)) for p in PATHS)
+  for t in range(len(seq)):
+    for p in PATHS:
+      np.testing.assert_allclose(moments[p][t], ref_moments[t][p], rtol=RTOL, err_msg=f"{t} {p}")
+    if outs[t] is None:
+      continue
+    clipped_total = 0
+    for p in PATHS:
+      np.testing.assert_allclose(updates[p][t], outs[t][p], rtol=RTOL, atol=0, err_msg=f"{t} {p}")
+      clipped = updates[p][t] != seq[t][p].astype(np.float32)
+      previous = ref_moments[t - 1][p] if t else np.zeros(shape_of(p))
+      # Values within float32 rounding of the threshold may go either way.
+      with np.errstate(divide="ignore", invalid="ignore"):
+        decided = np.abs(seq[t][p] ** 2 / (threshold * previous) - 1) > 1e-4
+      if t < warmup_steps:
+        decided = np.ones_like(decided)
+      np.testing.assert_array_equal(clipped[decided], masks[t][p][decided], err_msg=f"{t} {p}")
+      clipped_total += int(masks[t][p].sum())
+    np.testing.assert_allclose(fractions[t], clipped_total / size, rtol=1e-6)
+
+
+SPIKES = [
+  (25, "Dense_0/kernel", 5, 100.0),
+  (60, "head/kernel", 0, 1000.0),
+  (60, "Dense_0/bias", 3, -300.0),
+  (140, "Dense_0/kernel", 40, 100.0),
+]
+LEAF_SPIKES = [(100, "head/kernel", 50.0)]
+NONFINITE = [(80, "Dense_0/kernel", np.nan), (120, "head/kernel", np.inf)]
+
+
+def test_spam_clip_defaults_match_the_float64_model_step_by_step():
+  seq = make_sequence(160, seed=0, spikes=SPIKES, leaf_spikes=LEAF_SPIKES, nonfinite=NONFINITE)
+  tx = clipchain.spam_clip()
+  final, updates, policy, fractions = run(tx, seq)
+  reference = spam_reference(seq, threshold=5000.0, beta2=0.999, warmup_steps=19)
+  check_against(
+    seq, reference, updates, moments_by_path(policy), fractions, threshold=5000.0, warmup_steps=19
+  )
+  masks = reference[2]
+  # Each injected spike after the warmup is clipped, and little else is.
+  for t, p, index, _ in SPIKES:
+    assert masks[t][p].flat[index]
+  assert masks[100]["head/kernel"].mean() > 0.3  # the leaf spike: all but the small values
+  assert sum(int(m[p].sum()) for m in masks if m for p in PATHS) < 40
+  assert int(final.count) == 160
+
+
+@pytest.mark.parametrize(
+  "threshold, beta2, warmup_steps",
+  [(20.0, 0.9, 3), (200.0, 0.99, 0), (5000.0, 0.0, 1)],
+  ids=["aggressive", "no-warmup", "no-memory"],
+)
+def test_second_moment_policy_matches_the_model(threshold, beta2, warmup_steps):
+  seq = make_sequence(120, seed=1, spikes=SPIKES[:3], nonfinite=NONFINITE[:1])
+  policy = SecondMoment(threshold=threshold, beta2=beta2, warmup_steps=warmup_steps)
+  tx = clipchain.clip_norm(policy, granularity="element", name="spam")
+  _, updates, state, fractions = run(tx, seq)
+  reference = spam_reference(seq, threshold=threshold, beta2=beta2, warmup_steps=warmup_steps)
+  check_against(
+    seq,
+    reference,
+    updates,
+    moments_by_path(state),
+    fractions,
+    threshold=threshold,
+    warmup_steps=warmup_steps,
+  )
+  assert sum(int(m[p].sum()) for m in reference[2] if m for p in PATHS) > 3
+
+
+def test_warmup_clips_nothing_and_accumulates_v():
+  seq = make_sequence(
+    12, seed=2, spikes=[(3, "head/kernel", 2, 1e4)], leaf_spikes=[(6, PATHS[0], 1e3)]
+  )
+  tx = clipchain.spam_clip(warmup_steps=10)
+  _, updates, policy, fractions, thresholds = run(tx, seq, with_thresholds=True)
+  assert np.isinf(thresholds[:10]).all() and np.isfinite(thresholds[10:]).all()
+  for t in range(10):
+    for p in PATHS:
+      np.testing.assert_array_equal(updates[p][t], seq[t][p].astype(np.float32))
+    assert fractions[t] == 0
+  reference = spam_reference(seq, threshold=5000.0, beta2=0.999, warmup_steps=10)
+  for p, v in moments_by_path(policy).items():
+    np.testing.assert_allclose(v[9], reference[1][9][p], rtol=RTOL)
+  # The spikes entered v unclipped: ordinary values right after the warmup are far below it.
+  assert fractions[10] == 0 and fractions[11] == 0
+
+
+def test_non_finite_steps_leave_v_unchanged():
+  seq = make_sequence(
+    30, seed=3, nonfinite=[(21, "Dense_0/bias", np.nan), (25, "head/kernel", -np.inf)]
+  )
+  _, updates, policy, _ = run(clipchain.spam_clip(warmup_steps=5), seq)
+  moments = moments_by_path(policy)
+  for t in (21, 25):
+    for p in PATHS:
+      np.testing.assert_array_equal(moments[p][t], moments[p][t - 1])
+      assert not np.array_equal(moments[p][t + 1], moments[p][t])
+  assert np.isnan(updates["Dense_0/bias"][21][0])
+
+
+def test_a_value_with_no_second_moment_is_not_clipped():
+  """A value that was 0 at every step has v = 0: the reference clips its first nonzero gradient to
+  0 (and so keeps v = 0 forever); clipchain leaves it unclipped and starts its v."""
+  first = 30
+  seq = make_sequence(40, seed=4, zero=[(range(first), "head/kernel", 7)])
+  _, updates, policy, _ = run(clipchain.spam_clip(), seq)
+  v = moments_by_path(policy)["head/kernel"]
+  assert (v[:first].reshape(first, -1)[:, 7] == 0).all()
+  g = seq[first]["head/kernel"].flat[7]
+  np.testing.assert_allclose(updates["head/kernel"][first].flat[7], g, rtol=RTOL)
+  np.testing.assert_allclose(v[first].flat[7], 0.001 * g * g, rtol=RTOL)
+  assert (v[first:].reshape(-1, 24)[:, 7] > 0).all()
+  reference = spam_reference(
+    seq, threshold=5000.0, beta2=0.999, warmup_steps=19, clip_at_zero_v=True
+  )
+  assert reference[0][first]["head/kernel"].flat[7] == 0.0
+  assert reference[1][-1]["head/kernel"].flat[7] == 0.0
+
+
+def test_v_is_adams_second_moment_when_chained_before_adam():
+  seq = make_sequence(50, seed=5, spikes=SPIKES[:1], leaf_spikes=[(40, "Dense_0/bias", 100.0)])
+  tx = optax.chain(clipchain.spam_clip(beta2=0.95, warmup_steps=5), optax.adam(1e-3, b2=0.95))
+  params = nest({p: jnp.zeros(shape_of(p)) for p in PATHS})
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  clipped = 0
+  for g in seq:
+    _, state = update(nest({p: jnp.asarray(x, jnp.float32) for p, x in g.items()}), state, params)
+    moment = state[0].policy_state.moment
+    chex.assert_trees_all_close(moment, tuple(jax.tree.leaves(state[1][0].nu)), rtol=1e-6)
+    clipped += float(state[0].clipped_fraction) > 0
+  assert clipped >= 2
+
+
+@pytest.mark.parametrize("granularity", ["global", "layer"])
+def test_norm_granularities_compare_the_squared_norm_with_its_ema(granularity):
+  """At a norm granularity the same rule acts on each group's norm: clip n to sqrt(theta * v) when
+  n**2 > theta * v, with v the EMA of the clipped n**2."""
+  threshold, beta2, warmup = 4.0, 0.9, 5
+  seq = make_sequence(
+    80,
+    seed=6,
+    leaf_spikes=[(20, "head/kernel", 10.0), (50, PATHS[0], 30.0)],
+    nonfinite=[(30, "Dense_0/kernel", np.nan)],
+  )
+  groups = {"all": PATHS} if granularity == "global" else {p: (p,) for p in PATHS}
+  policy = SecondMoment(threshold=threshold, beta2=beta2, warmup_steps=warmup)
+  _, updates, state, _ = run(clipchain.clip_norm(policy, granularity=granularity), seq)
+  v = dict.fromkeys(groups, 0.0)
+  clipped = 0
+  for t, g in enumerate(seq):
+    norms = {k: math.sqrt(sum(np.sum(g[p] ** 2) for p in ps)) for k, ps in groups.items()}
+    if not all(map(math.isfinite, norms.values())):
+      np.testing.assert_allclose(np.atleast_1d(state.moment[t]), list(v.values()), rtol=RTOL)
+      continue
+    for k, ps in groups.items():
+      n, scale = norms[k], 1.0
+      if t >= warmup and n**2 > threshold * v[k]:
+        scale = math.sqrt(threshold * v[k]) / n
+        clipped += 1
+      for p in ps:
+        np.testing.assert_allclose(updates[p][t], g[p] * scale, rtol=RTOL, atol=1e-7)
+      v[k] = beta2 * v[k] + (1 - beta2) * (n * scale) ** 2
+    np.testing.assert_allclose(np.atleast_1d(state.moment[t]), list(v.values()), rtol=RTOL)
+  assert clipped >= 2
+
+
+# Dtypes, jit, vmap, scan, checkpoints, statistics.
+
+
+def test_bfloat16_gradients_keep_their_dtype():
+  seq = make_sequence(25, seed=7, spikes=[(22, "head/kernel", 4, 1000.0)])
+  tx = clipchain.spam_clip()
+  update = jax.jit(tx.update)
+  grads = [nest({p: jnp.asarray(x, jnp.bfloat16) for p, x in g.items()}) for g in seq]
+  state = tx.init(grads[0])
+  for g in grads:
+    updates, state = update(g, state)
+    chex.assert_trees_all_equal_dtypes(updates, g)
+  assert all(v.dtype == jnp.float32 for v in state.policy_state.moment)
+  # The spike is clipped to sqrt(5000 * v), v computed in float32 from the bfloat16 values.
+  bf16 = [{p: np.asarray(flat(g)[p], np.float64) for p in PATHS} for g in grads]
+  reference = spam_reference(bf16, threshold=5000.0, beta2=0.999, warmup_steps=19)
+  assert reference[2][22]["head/kernel"].flat[4]
+  for p in PATHS:
+    np.testing.assert_allclose(
+      np.asarray(flat(updates)[p], np.float32), reference[0][24][p], rtol=1e-2, atol=1e-6
+    )
+  spike = np.asarray(flat(updates)["head/kernel"], np.float32)
+  assert np.abs(spike).max() < 1000.0
+
+
+def test_scan_vmap_and_a_python_loop_agree():
+  seq = make_sequence(30, seed=8, spikes=[(25, "head/kernel", 1, 500.0)])
+  tx = clipchain.spam_clip(warmup_steps=5)
+  _, scanned, scanned_policy, _ = run(tx, seq)
+  update = jax.jit(tx.update)
+  state = tx.init(nest({p: jnp.zeros(shape_of(p)) for p in PATHS}))
+  for t, g in enumerate(seq):
+    updates, state = update(nest({p: jnp.asarray(x, jnp.float32) for p, x in g.items()}), state)
+    for p in PATHS:
+      np.testing.assert_allclose(flat(updates)[p], scanned[p][t], rtol=1e-6, atol=1e-8)
+  chex.assert_trees_all_close(
+    state.policy_state.moment, jax.tree.map(lambda x: x[-1], scanned_policy.moment), rtol=1e-6
+  )
+  assert update._cache_size() == 1
+
+  other = make_sequence(30, seed=9, spikes=[(20, "Dense_0/bias", 0, 500.0)])
+  batch = jax.tree.map(lambda a, b: jnp.stack([a, b], 1), stacked(seq), stacked(other))
+  states = jax.vmap(tx.init)(jax.tree.map(lambda x: x[0], batch))
+  vupdate = jax.jit(jax.vmap(tx.update))
+  outputs = []
+  for t in range(30):
+    updates, states = vupdate(jax.tree.map(lambda x, t=t: x[t], batch), states)
+    outputs.append(flat(updates))
+  for b, s in enumerate((seq, other)):
+    _, alone, policy, _ = run(tx, s)
+    for p in PATHS:
+      np.testing.assert_allclose(
+        np.stack([o[p][b] for o in outputs]), alone[p], rtol=1e-6, atol=1e-8
+      )
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda x, b=b: x[b], states.policy_state.moment),
+      jax.tree.map(lambda x: x[-1], policy.moment),
+      rtol=1e-6,
+    )
+
+
+def test_orbax_round_trip_is_bit_exact(tmp_path):
+  seq = make_sequence(30, seed=10, spikes=[(25, "head/kernel", 3, 1000.0)])
+  tx = optax.chain(clipchain.spam_clip(warmup_steps=5), optax.adam(1e-3))
+  params = nest({p: jnp.zeros(shape_of(p)) for p in PATHS})
+  grads = [nest({p: jnp.asarray(x, jnp.float32) for p, x in g.items()}) for g in seq]
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for g in grads[:10]:
+    _, state = update(g, state, params)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "state", state)
+    checkpointer.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = checkpointer.restore(tmp_path / "state", target)
+  chex.assert_trees_all_equal(restored, state)
+  assert type(restored[0].policy_state) is type(state[0].policy_state)
+  a, b = state, restored
+  clipped = 0
+  for g in grads[10:]:
+    ua, a = update(g, a, params)
+    ub, b = update(g, b, params)
+    chex.assert_trees_all_equal(ua, ub)
+    clipped += float(b[0].clipped_fraction) > 0
+  chex.assert_trees_all_equal(a, b)
+  assert clipped >= 1  # the spike at step 25
+
+
+def test_stats_report_the_moment_rms_and_the_clipped_fraction():
+  seq = make_sequence(25, seed=11, spikes=[(24, "head/kernel", 0, 1000.0)])
+  final, _, _, fractions = run(clipchain.spam_clip(name="spam"), seq)
+  stats = clipchain.stats(final)
+  size = sum(math.prod(shape_of(p)) for p in PATHS)
+  assert stats["spam/clipped_fraction"] == fractions[-1] == pytest.approx(1 / size)
+  v = np.concatenate([np.ravel(x) for x in final.policy_state.moment])
+  np.testing.assert_allclose(stats["spam/moment_rms"], np.sqrt(v.mean()), rtol=RTOL)
+  assert np.isfinite(stats["spam/threshold"])
+  layer = clipchain.clip_norm(SecondMoment(), granularity="layer", name="lay")
+  state = layer.init(nest({p: jnp.zeros(shape_of(p)) for p in PATHS}))
+  assert set(clipchain.stats(state)) >= {f"lay/moment_rms/{p}" for p in PATHS}
+
+
+# Validation.
+
+
+@pytest.mark.parametrize(
+  "kwargs, argname",
+  [
+    (dict(threshold=0.5), "threshold"),
+    (dict(threshold=math.nan), "threshold"),
+    (dict(threshold=math.inf), "threshold"),
+    (dict(beta2=1.0), "beta2"),
+    (dict(beta2=-0.5), "beta2"),
+    (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(warmup_steps=1.5), "warmup_steps"),
+  ],
+)
+def test_invalid_hyperparameters_are_refused(kwargs, argname):
+  with pytest.raises(ValueError, match=argname):
+    clipchain.spam_clip(**kwargs)
+  with pytest.raises(ValueError, match=argname):
+    SecondMoment(**kwargs)
+
+
+def test_every_granularity_is_accepted_and_the_preset_is_per_element():
+  for granularity in ("global", "layer", "unit", "element"):
+    clipchain.clip_norm(SecondMoment(), granularity=granularity)
+  state = clipchain.spam_clip(name="mine").init({"w": jnp.zeros((2, 3))})
+  assert state.name == "mine"
+  assert state.policy_state.moment[0].shape == (2, 3)
+  with pytest.raises(ValueError, match="name"):
+    clipchain.spam_clip(name="")
