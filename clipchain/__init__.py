@@ -8,6 +8,9 @@ collected by :func:`stats`.
 
 from clipchain import granularity, thresholds
 from clipchain._src.clip_norm import ClipNormState, clip_norm
+from clipchain._src.guards.check import check_guards
+from clipchain._src.guards.nonfinite import SkipNonFiniteState, skip_nonfinite
+from clipchain._src.guards.spikes import SkipSpikesState, skip_spikes
 from clipchain._src.per_example import per_example_global_norm_clip, per_example_layer_norm_clip
 from clipchain._src.presets.adagc import adagc
 from clipchain._src.presets.agc import adaptive_grad_clip
@@ -25,6 +28,11 @@ from clipchain._src.stats import stats
 from clipchain._version import __version__
 
 __all__ = [
+  "SkipNonFiniteState",
+  "SkipSpikesState",
+  "check_guards",
+  "skip_nonfinite",
+  "skip_spikes",
   "ClipNormState",
   "__version__",
   "adagc",

@@ -55,6 +55,17 @@ def _is_reporting(node) -> bool:
   return isinstance(node, tuple(_REPORTING_TYPES))
 
 
+def reporting_states(tree):
+  """Every clipchain state in ``tree``, outer before inner (a guard before the state it wraps)."""
+  for node in jax.tree.leaves(tree, is_leaf=_is_reporting):
+    if _is_reporting(node):
+      yield node
+      for field in node._fields:
+        value = getattr(node, field)
+        if jax.tree.leaves(value, is_leaf=_is_reporting):
+          yield from reporting_states(value)
+
+
 def stats(opt_state: Any) -> dict[str, jax.Array]:
   """Collects the statistics of every clipchain transform in an optimizer state.
 
@@ -83,9 +94,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> float(s["clip_by_global_norm/norm"]), float(s["clip_by_global_norm/clipped_norm"])
     (5.0, 1.0)
   """
-  found = [
-    node for node in jax.tree.leaves(opt_state, is_leaf=_is_reporting) if _is_reporting(node)
-  ]
+  found = list(reporting_states(opt_state))
   seen: dict[str, int] = {}
   used: set[str] = set()
   out: dict[str, jax.Array] = {}

@@ -1,0 +1,140 @@
+"""Skipping steps whose gradient (or loss) is NaN or infinite."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipchain._src import stats as stats_lib
+from clipchain._src.guards import skipping
+from clipchain._src.validation import check_positive_int
+
+
+@stats_lib.register_state("name", "max_consecutive")
+class SkipNonFiniteState(NamedTuple):
+  """State of :func:`skip_nonfinite`.
+
+  Attributes:
+    inner_state: the wrapped transform's state, as it was after the last applied step.
+    grad_norm: the global L2 norm of the last step's gradient, skipped or not (float32; reused
+      from a clip at the head of ``inner`` where there is one).
+    skipped: whether the last step was skipped (bool).
+    total_skipped: the number of steps skipped so far (int32).
+    consecutive_skipped: the number of steps skipped since the last applied one (int32).
+    limit_exceeded: whether ``consecutive_skipped`` ever went past ``max_consecutive`` (bool,
+      sticky); always False without a limit.
+    name: the name under which :func:`clipchain.stats` reports (static).
+    max_consecutive: the limit (static; -1 when there is none).
+  """
+
+  inner_state: Any
+  grad_norm: jax.Array
+  skipped: jax.Array
+  total_skipped: jax.Array
+  consecutive_skipped: jax.Array
+  limit_exceeded: jax.Array
+  name: str = "skip_nonfinite"
+  max_consecutive: int = -1
+
+  def input_norm(self) -> jax.Array:
+    return self.grad_norm
+
+  def report(self) -> dict[str, jax.Array]:
+    return {
+      "skipped": self.skipped.astype(jnp.float32),
+      "total_skipped": self.total_skipped.astype(jnp.float32),
+      "consecutive_skipped": self.consecutive_skipped.astype(jnp.float32),
+      "limit_exceeded": self.limit_exceeded.astype(jnp.float32),
+    }
+
+
+skipping.GUARD_STATES.append(SkipNonFiniteState)
+
+
+def skip_nonfinite(
+  inner: optax.GradientTransformation,
+  *,
+  max_consecutive: int | None = None,
+  name: str = "skip_nonfinite",
+) -> optax.GradientTransformationExtraArgs:
+  """Skips every step whose gradient, or loss, holds a NaN or an infinity.
+
+  On such a step the update is zero and the inner state is kept bit for bit: after the run the
+  parameters and the optimizer state equal those of a run that never saw the bad batch (the inner
+  step count does not advance, no moment absorbs the NaN; guards nested in ``inner`` still record
+  the step in their own statistics). The decision is made inside the compiled step, from the norm
+  a clipchain clip at the head of ``inner`` already computed (one reduction over the gradient
+  otherwise); a gradient whose float32 sum of squares overflows is treated as non-finite too.
+
+  With ``max_consecutive``, a run of more than that many skipped steps sets ``limit_exceeded``,
+  reported by :func:`clipchain.stats` and checked by :func:`clipchain.check_guards` (under
+  ``jax.experimental.checkify``), so a run that has gone bad does not go on silently skipping.
+
+  Args:
+    inner: the transform to guard, e.g. ``optax.chain(clipchain.clip_by_global_norm(1.0),
+      optax.adam(1e-3))``.
+    max_consecutive: how many steps in a row may be skipped before ``limit_exceeded`` is set.
+    name: the name under which :func:`clipchain.stats` reports.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``: ``update(updates, state, params, loss=...)``
+    also checks the loss when given (other extra arguments are passed on to ``inner``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipchain
+    >>> tx = clipchain.skip_nonfinite(optax.chain(clipchain.clip_by_global_norm(1.0),
+    ...                                           optax.adam(0.1)))
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([1., 1.], dtype=float32)
+    >>> int(clipchain.stats(state)["skip_nonfinite/total_skipped"])
+    1
+  """
+  if max_consecutive is not None:
+    check_positive_int("max_consecutive", max_consecutive, allow_zero=True)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    false = jnp.zeros((), jnp.bool_)
+    zero = jnp.zeros((), jnp.int32)
+    return SkipNonFiniteState(
+      inner_state=inner.init(params),
+      grad_norm=jnp.zeros((), jnp.float32),
+      skipped=false,
+      total_skipped=zero,
+      consecutive_skipped=zero,
+      limit_exceeded=false,
+      name=name,
+      max_consecutive=-1 if max_consecutive is None else max_consecutive,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_inner, norm = skipping.run_inner(
+      inner, updates, state.inner_state, params, extra_args
+    )
+    ok = jnp.isfinite(norm)
+    loss = skipping.as_scalar_loss(extra_args.get("loss"))
+    if loss is not None:
+      ok &= jnp.isfinite(loss)
+    consecutive = jnp.where(ok, 0, state.consecutive_skipped + 1)
+    exceeded = state.limit_exceeded
+    if max_consecutive is not None:
+      exceeded |= consecutive > max_consecutive
+    new_state = SkipNonFiniteState(
+      inner_state=skipping.select_state(ok, new_inner, state.inner_state),
+      grad_norm=norm.astype(jnp.float32),
+      skipped=~ok,
+      total_skipped=state.total_skipped + (~ok).astype(jnp.int32),
+      consecutive_skipped=consecutive,
+      limit_exceeded=exceeded,
+      name=state.name,
+      max_consecutive=state.max_consecutive,
+    )
+    return skipping.select(ok, new_updates, skipping.skip_update(new_updates)), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,106 @@
+"""What every guard shares: run the inner update, then keep it or leave no trace of it.
+
+The decision is a traced boolean, so it lives inside the compiled program (a Python branch on a
+value that differs across hosts would deadlock their collectives). Skipping selects the old inner
+state leaf by leaf, so the inner optimizer's state, step count included, is kept bit for bit, and
+returns an update of negative zeros: ``p + (-0.0) == p`` for every ``p``, signed zeros included,
+so ``optax.apply_updates`` leaves every bit of the parameters as it was. (A positive zero would
+turn a ``-0.0`` parameter into ``+0.0``; multiplying by 0 would keep a NaN, ``0 * NaN = NaN``.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipchain._src import norms
+from clipchain._src.clip_norm import ClipNormState
+
+
+def skip_update(updates):
+  """An update that changes nothing when added: negative zeros shaped like ``updates``."""
+  return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates)
+
+
+def select(keep_new: jax.Array, new, old):
+  """``new`` where ``keep_new`` else ``old``, leaf by leaf (a select, never a multiply)."""
+  return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+# The states of the guards (each guard module adds its own). A guard state has an ``inner_state``
+# and an ``input_norm()``: the norm of its last input, recorded because on a skipped step its
+# ``inner_state`` is the old one, whose clip statistics describe an earlier step.
+GUARD_STATES: list[type] = []
+
+# Wrappers whose inner transform sees the whole of the wrapper's input. Not ``optax.masked``: a clip
+# under a mask measures only part of the tree.
+TRANSPARENT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def is_guard_state(node) -> bool:
+  return isinstance(node, tuple(GUARD_STATES))
+
+
+def select_state(keep_new: jax.Array, new, old):
+  """The inner state a guard keeps: ``new`` where ``keep_new`` else ``old``, leaf by leaf.
+
+  The statistics of guards nested inside (counters, histories) are taken from ``new`` either way:
+  each guard records every step it judged, even one that an outer guard then skips; the state of
+  the optimizer they wrap is restored all the same.
+  """
+
+  def pick(n, o):
+    if is_guard_state(n):
+      return n._replace(inner_state=select_state(keep_new, n.inner_state, o.inner_state))
+    return jnp.where(keep_new, n, o)
+
+  return jax.tree.map(pick, new, old, is_leaf=is_guard_state)
+
+
+def input_norm(inner_state) -> jax.Array | None:
+  """The pre-clip norm that a clip at the head of the inner chain measured on this step's input.
+
+  Follows the first element of ``optax.chain`` states and the inner state of transparent wrappers
+  (``inject_hyperparams``) down to a :class:`ClipNormState`, or to a nested guard, which recorded
+  the norm it measured or reused; ``None`` when the input does not go through a clipchain clip
+  first (or the nested guard is a ``skip_spikes`` that does not watch the gradient norm), so the
+  caller must measure it itself.
+  """
+  node = inner_state
+  while True:
+    if isinstance(node, ClipNormState):
+      return node.norm
+    if is_guard_state(node):
+      return node.input_norm()
+    if isinstance(node, TRANSPARENT_STATES):
+      node = node.inner_state
+    elif isinstance(node, tuple) and not hasattr(node, "_fields") and node:
+      node = node[0]
+    else:
+      return None
+
+
+def global_norm(updates) -> jax.Array:
+  """The float32-accumulated global L2 norm (NaN or Inf when any value is)."""
+  return jnp.sqrt(norms.total([norms.sum_of_squares(x) for x in jax.tree.leaves(updates)]))
+
+
+def run_inner(
+  inner: optax.GradientTransformationExtraArgs, updates, inner_state, params, extra_args
+) -> tuple[Any, Any, jax.Array]:
+  """The inner update, and the norm of ``updates`` (reused from a clip at the chain's head)."""
+  new_updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
+  norm = input_norm(new_inner)
+  if norm is None:
+    norm = global_norm(updates)
+  return new_updates, new_inner, norm
+
+
+def as_scalar_loss(loss) -> jax.Array | None:
+  """The ``loss=`` extra argument as a float32 scalar (a mean if it is per example)."""
+  if loss is None:
+    return None
+  return jnp.mean(jnp.asarray(loss, jnp.float32))

@@ -1,0 +1,107 @@
+"""examples/fp16_loss_scaling.py: unscale, then guard and clip; the loss scale follows the guard."""
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import jmp
+import numpy as np
+import pytest
+
+import clipchain
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fp16_loss_scaling.py"
+STEPS = 40
+PERIOD = 10
+
+
+@pytest.fixture(scope="module")
+def example():
+  spec = importlib.util.spec_from_file_location("fp16_loss_scaling", _SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  # dataclasses look their module up in sys.modules while the class is built.
+  sys.modules[spec.name] = module
+  try:
+    spec.loader.exec_module(module)
+    yield module
+  finally:
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def history(example):
+  # 2**20 overflows the float16 backward pass: the first steps must be skipped until it is small
+  # enough.
+  return example.train(STEPS, initial_scale=2.0**20, period=PERIOD)
+
+
+def same_bits(a, b) -> bool:
+  return all(
+    np.array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
+def test_overflowing_steps_are_skipped_and_halve_the_scale(history):
+  skipped = np.array(history.skipped)
+  assert skipped[0]
+  assert same_bits(history.params[1], history.params[0])
+  for i in np.flatnonzero(skipped):
+    assert same_bits(history.params[i + 1], history.params[i])
+    if i + 1 < STEPS:
+      assert history.loss_scale[i + 1] == history.loss_scale[i] / 2
+  first_applied = int(np.argmin(skipped))
+  assert history.loss_scale[first_applied] < 2.0**20
+  assert np.isfinite(history.loss).all()  # the loss itself is float32: it never overflowed
+
+
+def test_training_continues_and_the_loss_decreases(history):
+  skipped = np.array(history.skipped)
+  assert (~skipped).sum() >= STEPS * 3 // 4
+  for i in np.flatnonzero(~skipped):
+    assert not same_bits(history.params[i + 1], history.params[i])
+  # The scale doubles after ``period`` applied steps in a row, and only then.
+  scales = np.array(history.loss_scale)
+  grew = np.flatnonzero(scales[1:] > scales[:-1])
+  assert len(grew) >= 1
+  for i in grew:
+    assert scales[i + 1] == 2 * scales[i]
+    assert not skipped[i - PERIOD + 1 : i + 1].any()
+  assert np.mean(history.loss[-8:]) < 0.8 * np.mean(history.loss[:8])
+
+
+def test_unscale_before_clipping(example):
+  """Clipping the scaled gradient and then unscaling it divides the threshold by the scale."""
+  xs, ys = example.make_data(1)
+  model = example.MLP()
+  params = model.init(jax.random.PRNGKey(1), xs[0])
+  scale = 2.0**10  # small enough not to overflow
+  loss_scale = jmp.DynamicLossScale(jnp.float32(scale))
+  grads, _ = jax.jit(example.scaled_grads, static_argnums=0)(
+    model, params, xs[0], ys[0], loss_scale
+  )
+  assert jmp.all_finite(grads)
+  true_grads = loss_scale.unscale(grads)
+  true_norm = float(
+    np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(true_grads)))
+  )
+
+  def clip(tree, threshold):
+    tx = clipchain.clip_by_global_norm(threshold)
+    return tx.update(tree, tx.init(tree))[0]
+
+  def norm(tree):
+    return float(
+      np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(tree)))
+    )
+
+  for threshold in (true_norm / 2, 2 * true_norm):
+    right = clip(true_grads, threshold)  # unscale, then clip
+    wrong = loss_scale.unscale(clip(grads, threshold))  # clip, then unscale
+    assert norm(right) == pytest.approx(min(threshold, true_norm), rel=1e-5)
+    # The scaled norm is always above the threshold, so the wrong order always clips, to
+    # threshold / scale: far below both the threshold and the true norm.
+    assert norm(wrong) == pytest.approx(threshold / scale, rel=1e-5)
+    assert norm(wrong) < min(threshold, true_norm) / 100
