@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipchain._src import norms
+from clipchain._src import distributed, norms
 from clipchain._src import stats as stats_lib
 from clipchain._src.granularity import Granularity, as_granularity
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
@@ -91,6 +91,7 @@ def clip_norm(
   *,
   granularity: str | Granularity = "global",
   name: str | None = None,
+  axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformation:
   """Clips updates so that each group's norm is at most a threshold.
 
@@ -108,6 +109,11 @@ def clip_norm(
     granularity: ``"global"``, ``"layer"``, ``"unit"``, ``"element"``, or a configured
       :mod:`clipchain.granularity` object such as ``Layer(layers="module")``.
     name: the name under which :func:`clipchain.stats` reports this transform.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to sum norms across, so that
+      a tree split over devices is clipped by its true norm and every device computes the same
+      thresholds and statistics. Each leaf is counted only over the axes along which it varies.
+      Not needed under ``jit`` with sharded arrays, nor after a ``pmean`` of the gradients (it
+      would then over-count). See ``docs/distributed.md``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipNormState`.
@@ -129,7 +135,7 @@ def clip_norm(
     5.0
   """
   policy = as_policy(threshold)
-  where = as_granularity(granularity)
+  where = as_granularity(granularity).across(axis_name)
   policy.check_granularity(where)
   if name is None:
     name = "clip_norm"

@@ -26,14 +26,15 @@ values to ``[-c, c]``, which is the same thing per value, computed exactly.
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from clipchain._src import distributed, norms
 from clipchain._src import layers as layers_lib
-from clipchain._src import norms
 from clipchain._src.validation import check_choice
 
 
@@ -90,6 +91,20 @@ class Granularity(abc.ABC):
   :class:`Element`."""
 
   name: ClassVar[str]
+  # Mesh axes the norms are summed across (see clipchain/_src/distributed.py); set by ``across``.
+  axis_names: tuple[str, ...] = ()
+
+  def across(self, axis_name: distributed.AxisName) -> Granularity:
+    """This granularity with norms summed across the devices of ``axis_name`` (a copy)."""
+    bound = copy.copy(self)
+    bound.axis_names = distributed.as_axis_names(axis_name)
+    return bound
+
+  def _sum_each(self, values: list, leaves: list) -> list:
+    return distributed.sum_across(values, leaves, self.axis_names)
+
+  def _total(self, values: list, leaves: list) -> jax.Array:
+    return distributed.total_across(values, leaves, self.axis_names)
 
   @abc.abstractmethod
   def groups(self, tree) -> Groups:
@@ -116,7 +131,8 @@ class Global(Granularity):
     return Groups(self, (), jax.ShapeDtypeStruct((), jnp.float32))
 
   def measure(self, tree) -> Measured:
-    total = norms.total([norms.sum_of_squares(x) for x in jax.tree.leaves(tree)])
+    leaves = jax.tree.leaves(tree)
+    total = self._total([norms.sum_of_squares(x) for x in leaves], leaves)
     return Measured(norms.safe_sqrt(total), total, total)
 
   def clip(self, tree, measured, threshold):
@@ -165,13 +181,19 @@ class Layer(Granularity):
   def measure(self, tree) -> Measured:
     grouping = self._grouping(tree)
     leaves = jax.tree.leaves(tree)
-    leaf_squares = [norms.sum_of_squares(x) for x in leaves]
+    leaf_squares = self._sum_each([norms.sum_of_squares(x) for x in leaves], leaves)
     members: list[list[int]] = [[] for _ in grouping.names]
     for i, layer in enumerate(grouping.leaf_layer):
       members[layer].append(i)
     layer_squares = jnp.stack([norms.total([leaf_squares[i] for i in m]) for m in members])
     if self.measure_kind == "rms":
-      sizes = jnp.array([max(sum(leaves[i].size for i in m), 1) for m in members], jnp.float32)
+      sizes = jnp.array(
+        [
+          max(sum(distributed.global_size(leaves[i], self.axis_names) for i in m), 1)
+          for m in members
+        ],
+        jnp.float32,
+      )
       layer_norms = norms.safe_sqrt(layer_squares / sizes)
     else:
       layer_norms = norms.safe_sqrt(layer_squares)
@@ -271,6 +293,10 @@ class Unit(Granularity):
     squares = [
       norms.sum_of_squares(x, axis=axes, keepdims=True) for x, axes in zip(leaves, self._axes(tree))
     ]
+    # Summed across devices where a leaf is split along the axes a unit spans (FSDP over the input
+    # dimension); a leaf split along its output axis holds whole units and must not be sharded
+    # along a named axis here.
+    squares = self._sum_each(squares, leaves)
     total = norms.total([jnp.sum(s) for s in squares])
     unit_norms = [norms.safe_sqrt(s) for s in squares]
     return Measured(
@@ -311,7 +337,8 @@ class Element(Granularity):
 
   def measure(self, tree) -> Measured:
     magnitudes = jax.tree.map(lambda x: jnp.abs(x).astype(norms.accumulation_dtype(x.dtype)), tree)
-    total = norms.total([norms.sum_of_squares(x) for x in jax.tree.leaves(tree)])
+    leaves = jax.tree.leaves(tree)
+    total = self._total([norms.sum_of_squares(x) for x in leaves], leaves)
     return Measured(magnitudes, None, total)
 
   def clip(self, tree, measured, threshold):
@@ -324,14 +351,17 @@ class Element(Granularity):
 
     clipped = jax.tree.map(clip_leaf, tree, threshold)
     leaves = jax.tree.leaves(tree)
-    size = sum(x.size for x in leaves)
-    over = norms.total(
+    size = sum(distributed.global_size(x, self.axis_names) for x in leaves)
+    over = self._total(
       [
-        jnp.sum(norms.exceeds(m, c))
+        jnp.sum(norms.exceeds(m, c), dtype=jnp.float32)
         for m, c in zip(jax.tree.leaves(measured.norms), jax.tree.leaves(threshold))
-      ]
+      ],
+      leaves,
     )
-    clipped_squares = norms.total([norms.sum_of_squares(x) for x in jax.tree.leaves(clipped)])
+    clipped_squares = self._total(
+      [norms.sum_of_squares(x) for x in jax.tree.leaves(clipped)], leaves
+    )
     summary = Summary(
       clipped_norm=norms.safe_sqrt(clipped_squares),
       clipped_fraction=_fraction(over, size),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clipchain._src import distributed
 from clipchain._src import stats as stats_lib
 from clipchain._src.guards import skipping
 from clipchain._src.validation import check_positive_int
@@ -59,6 +60,7 @@ def skip_nonfinite(
   *,
   max_consecutive: int | None = None,
   name: str = "skip_nonfinite",
+  axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips every step whose gradient, or loss, holds a NaN or an infinity.
 
@@ -78,6 +80,9 @@ def skip_nonfinite(
       optax.adam(1e-3))``.
     max_consecutive: how many steps in a row may be skipped before ``limit_exceeded`` is set.
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) over which gradients are
+      split or the loss differs, so that every device takes the same decision; give the clip in
+      ``inner`` the same ``axis_name``. Not needed under ``jit`` with sharded arrays.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(updates, state, params, loss=...)``
@@ -98,6 +103,7 @@ def skip_nonfinite(
   if max_consecutive is not None:
     check_positive_int("max_consecutive", max_consecutive, allow_zero=True)
   inner = optax.with_extra_args_support(inner)
+  axis_names = distributed.as_axis_names(axis_name)
 
   def init_fn(params):
     false = jnp.zeros((), jnp.bool_)
@@ -115,10 +121,10 @@ def skip_nonfinite(
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_inner, norm = skipping.run_inner(
-      inner, updates, state.inner_state, params, extra_args
+      inner, updates, state.inner_state, params, extra_args, axis_names
     )
     ok = jnp.isfinite(norm)
-    loss = skipping.as_scalar_loss(extra_args.get("loss"))
+    loss = skipping.as_scalar_loss(extra_args.get("loss"), axis_names)
     if loss is not None:
       ok &= jnp.isfinite(loss)
     consecutive = jnp.where(ok, 0, state.consecutive_skipped + 1)

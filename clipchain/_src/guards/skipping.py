@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipchain._src import norms
+from clipchain._src import distributed, norms
 from clipchain._src.clip_norm import ClipNormState
 
 
@@ -83,24 +83,39 @@ def input_norm(inner_state) -> jax.Array | None:
       return None
 
 
-def global_norm(updates) -> jax.Array:
-  """The float32-accumulated global L2 norm (NaN or Inf when any value is)."""
-  return jnp.sqrt(norms.total([norms.sum_of_squares(x) for x in jax.tree.leaves(updates)]))
+def global_norm(updates, axis_names: tuple[str, ...] = ()) -> jax.Array:
+  """The float32-accumulated global L2 norm (NaN or Inf when any value is), across devices."""
+  leaves = jax.tree.leaves(updates)
+  return jnp.sqrt(
+    distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
+  )
 
 
 def run_inner(
-  inner: optax.GradientTransformationExtraArgs, updates, inner_state, params, extra_args
+  inner: optax.GradientTransformationExtraArgs,
+  updates,
+  inner_state,
+  params,
+  extra_args,
+  axis_names: tuple[str, ...] = (),
 ) -> tuple[Any, Any, jax.Array]:
-  """The inner update, and the norm of ``updates`` (reused from a clip at the chain's head)."""
+  """The inner update, and the norm of ``updates`` (reused from a clip at the chain's head).
+
+  A reused norm is global already when that clip was given the same ``axis_name``.
+  """
   new_updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
   norm = input_norm(new_inner)
   if norm is None:
-    norm = global_norm(updates)
+    norm = global_norm(updates, axis_names)
   return new_updates, new_inner, norm
 
 
-def as_scalar_loss(loss) -> jax.Array | None:
-  """The ``loss=`` extra argument as a float32 scalar (a mean if it is per example)."""
+def as_scalar_loss(loss, axis_names: tuple[str, ...] = ()) -> jax.Array | None:
+  """The ``loss=`` extra argument as a float32 scalar: a mean over examples and devices.
+
+  Averaged across ``axis_names`` so that every device takes the same decision (a NaN loss on one
+  device makes the mean NaN on all of them).
+  """
   if loss is None:
     return None
-  return jnp.mean(jnp.asarray(loss, jnp.float32))
+  return distributed.mean_across(jnp.mean(jnp.asarray(loss, jnp.float32)), axis_names)

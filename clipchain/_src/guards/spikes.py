@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clipchain._src import distributed
 from clipchain._src import stats as stats_lib
 from clipchain._src.guards import skipping
 from clipchain._src.validation import check_choice, check_non_negative, check_positive_int
@@ -74,6 +75,7 @@ def skip_spikes(
   min_history: int | None = None,
   watch: Sequence[str] = ("grad_norm",),
   name: str = "skip_spikes",
+  axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips a step whose gradient norm (or loss) is a spike against its recent history.
 
@@ -98,6 +100,9 @@ def skip_spikes(
       the window, at least 2, as OLMo-core); until then only non-finite steps are skipped.
     watch: ``"grad_norm"`` and/or ``"loss"``; the loss comes from ``update(..., loss=loss)``.
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) over which gradients are
+      split or the loss differs, so that every device takes the same decision; give the clip in
+      ``inner`` the same ``axis_name``. Not needed under ``jit`` with sharded arrays.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -129,6 +134,7 @@ def skip_spikes(
     check_choice("watch", quantity, WATCHABLE)
   watch = tuple(watch)
   inner = optax.with_extra_args_support(inner)
+  axis_names = distributed.as_axis_names(axis_name)
 
   def init_fn(params):
     k = len(watch)
@@ -147,14 +153,14 @@ def skip_spikes(
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_inner, norm = skipping.run_inner(
-      inner, updates, state.inner_state, params, extra_args
+      inner, updates, state.inner_state, params, extra_args, axis_names
     )
     values = []
     for quantity in watch:
       if quantity == "grad_norm":
         values.append(norm)
       else:
-        loss = skipping.as_scalar_loss(extra_args.get("loss"))
+        loss = skipping.as_scalar_loss(extra_args.get("loss"), axis_names)
         if loss is None:
           raise ValueError(f"{name} watches the loss: call update(..., loss=loss).")
         values.append(loss)

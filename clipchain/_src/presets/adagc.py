@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from clipchain._src import layers as layers_lib
 from clipchain._src.clip_norm import clip_norm
+from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Layer
 from clipchain._src.thresholds.ema_ratio import EMARatio
 
@@ -17,6 +18,7 @@ def adagc(
   *,
   layers: layers_lib.LayersSpec = None,
   name: str = "adagc",
+  axis_name: AxisName = None,
 ):
   """Clips each layer to ``ratio`` times an EMA of its clipped norm, after a global-clip warmup.
 
@@ -41,6 +43,8 @@ def adagc(
       ``"module"``, a ``{name: regex}`` mapping or a callable (see
       :class:`clipchain.granularity.Layer`).
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``; :func:`clipchain.stats` reports, per layer, the norm, the
@@ -71,4 +75,4 @@ def adagc(
     warmup_max_norm=warmup_max_norm,
     eps=eps,
   )
-  return clip_norm(policy, granularity=Layer(layers), name=name)
+  return clip_norm(policy, granularity=Layer(layers), name=name, axis_name=axis_name)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import jax
 
 from clipchain._src.clip_norm import clip_norm
+from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Unit
 from clipchain._src.thresholds.relative import RelativeToParams
 
@@ -19,6 +20,7 @@ def adaptive_grad_clip(
   layout: str = "flax",
   stacked_axes: int = 0,
   name: str = "adaptive_grad_clip",
+  axis_name: AxisName = None,
 ):
   """Clips each unit of the updates to at most ``clipping`` times its params' norm.
 
@@ -44,6 +46,8 @@ def adaptive_grad_clip(
       ``vmap``-ed layers); they are kept out of the reduction, so each layer is clipped on its
       own.
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   With ``optax.inject_hyperparams``, name the structural arguments static:
   ``optax.inject_hyperparams(adaptive_grad_clip, static_args=("axis", "stacked_axes"))``.
@@ -77,4 +81,6 @@ def adaptive_grad_clip(
       "static_args=('axis', 'stacked_axes')."
     )
   granularity = Unit(axis, layout=layout, stacked_axes=stacked_axes)
-  return clip_norm(RelativeToParams(clipping, eps), granularity=granularity, name=name)
+  return clip_norm(
+    RelativeToParams(clipping, eps), granularity=granularity, name=name, axis_name=axis_name
+  )

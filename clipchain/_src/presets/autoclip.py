@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from clipchain._src.clip_norm import clip_norm
+from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Granularity
 from clipchain._src.thresholds.percentile import Percentile
 
@@ -14,6 +15,7 @@ def autoclip(
   include_current: bool = True,
   granularity: str | Granularity = "global",
   name: str = "autoclip",
+  axis_name: AxisName = None,
 ):
   """Clips updates to a percentile of the norms seen so far (AutoClip).
 
@@ -42,6 +44,8 @@ def autoclip(
       :class:`clipchain.granularity.Layer`; per-unit or per-value histories are refused.
     name: the name under which :func:`clipchain.stats` reports; its statistics include
       ``history_length``, the number of norms in the history.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipchain.ClipNormState`.
@@ -68,4 +72,4 @@ def autoclip(
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
   policy = Percentile(percentile, window=window, include_current=include_current)
-  return clip_norm(policy, granularity=granularity, name=name)
+  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)

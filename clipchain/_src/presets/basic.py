@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from clipchain._src import layers as layers_lib
 from clipchain._src.clip_norm import ThresholdLike, as_policy, clip_norm
+from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Layer
 
 
-def clip(max_delta: ThresholdLike, *, name: str = "clip"):
+def clip(max_delta: ThresholdLike, *, name: str = "clip", axis_name: AxisName = None):
   """Clips every value of the updates to ``[-max_delta, max_delta]`` (as ``optax.clip``).
 
   Args:
     max_delta: the largest absolute value allowed (a number, a schedule or a policy).
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``; ``clipped_fraction`` in its statistics is the fraction
@@ -31,10 +34,14 @@ def clip(max_delta: ThresholdLike, *, name: str = "clip"):
     >>> tx.update(g, tx.init(g))[0]["w"]
     Array([-1. ,  0.5,  1. ], dtype=float32)
   """
-  return clip_norm(as_policy(max_delta, "max_delta"), granularity="element", name=name)
+  return clip_norm(
+    as_policy(max_delta, "max_delta"), granularity="element", name=name, axis_name=axis_name
+  )
 
 
-def clip_by_global_norm(max_norm: ThresholdLike, *, name: str = "clip_by_global_norm"):
+def clip_by_global_norm(
+  max_norm: ThresholdLike, *, name: str = "clip_by_global_norm", axis_name: AxisName = None
+):
   """Clips updates so that their global L2 norm is at most ``max_norm``.
 
   A drop-in replacement for ``optax.clip_by_global_norm``: the update is multiplied by
@@ -43,6 +50,8 @@ def clip_by_global_norm(max_norm: ThresholdLike, *, name: str = "clip_by_global_
   Args:
     max_norm: the largest global norm (a number, a schedule or a policy).
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -60,10 +69,14 @@ def clip_by_global_norm(max_norm: ThresholdLike, *, name: str = "clip_by_global_
     Pascanu et al., `On the difficulty of training Recurrent Neural Networks
     <https://arxiv.org/abs/1211.5063>`_, 2013
   """
-  return clip_norm(as_policy(max_norm, "max_norm"), granularity="global", name=name)
+  return clip_norm(
+    as_policy(max_norm, "max_norm"), granularity="global", name=name, axis_name=axis_name
+  )
 
 
-def clip_by_block_rms(threshold: ThresholdLike, *, name: str = "clip_by_block_rms"):
+def clip_by_block_rms(
+  threshold: ThresholdLike, *, name: str = "clip_by_block_rms", axis_name: AxisName = None
+):
   """Clips each leaf so that its root mean square is at most ``threshold``.
 
   The update clipping of Adafactor, ``u ← u / max(1, rms(u) / threshold)``, as
@@ -72,6 +85,8 @@ def clip_by_block_rms(threshold: ThresholdLike, *, name: str = "clip_by_block_rm
   Args:
     threshold: the largest RMS of one leaf (a number, a schedule or a policy).
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``; the per-layer norms in its statistics are RMS values.
@@ -87,7 +102,9 @@ def clip_by_block_rms(threshold: ThresholdLike, *, name: str = "clip_by_block_rm
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
     <https://arxiv.org/abs/1804.04235>`_, 2018
   """
-  return clip_norm(as_policy(threshold), granularity=Layer(measure="rms"), name=name)
+  return clip_norm(
+    as_policy(threshold), granularity=Layer(measure="rms"), name=name, axis_name=axis_name
+  )
 
 
 def clip_by_layer_norm(
@@ -95,6 +112,7 @@ def clip_by_layer_norm(
   *,
   layers: layers_lib.LayersSpec = None,
   name: str = "clip_by_layer_norm",
+  axis_name: AxisName = None,
 ):
   """Clips each layer's L2 norm to ``max_norm``.
 
@@ -108,6 +126,8 @@ def clip_by_layer_norm(
       schedule or a policy.
     layers: how leaves form layers (see above).
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``; :func:`clipchain.stats` reports ``"{name}/norm/{layer}"``
@@ -123,4 +143,6 @@ def clip_by_layer_norm(
     >>> updates["attn"]["q"], updates["mlp"]["w"]
     (Array([0.6, 0.8], dtype=float32), Array([3., 4.], dtype=float32))
   """
-  return clip_norm(as_policy(max_norm, "max_norm"), granularity=Layer(layers), name=name)
+  return clip_norm(
+    as_policy(max_norm, "max_norm"), granularity=Layer(layers), name=name, axis_name=axis_name
+  )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from clipchain._src.clip_norm import clip_norm
+from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Granularity
 from clipchain._src.thresholds.quantile import QuantileTracker
 
@@ -14,6 +15,7 @@ def quantile_clip(
   granularity: str | Granularity = "global",
   *,
   name: str = "quantile_clip",
+  axis_name: AxisName = None,
 ):
   """Clips updates to a running estimate of the ``target_quantile`` of their norms.
 
@@ -32,6 +34,8 @@ def quantile_clip(
     granularity: ``"global"`` (one tracker), ``"layer"`` (one per layer), ``"unit"``, or a
       :mod:`clipchain.granularity` object; not ``"element"``.
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``; ``threshold`` in its statistics is the ``C`` applied at
@@ -53,4 +57,4 @@ def quantile_clip(
     <https://arxiv.org/abs/1905.03871>`_, 2021
   """
   policy = QuantileTracker(target_quantile, learning_rate, initial_threshold)
-  return clip_norm(policy, granularity=granularity, name=name)
+  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from clipchain._src.clip_norm import clip_norm
+from clipchain._src.distributed import AxisName
 from clipchain._src.thresholds.second_moment import SecondMoment
 
 
@@ -12,6 +13,7 @@ def spam_clip(
   warmup_steps: int = 19,
   *,
   name: str = "spam_clip",
+  axis_name: AxisName = None,
 ):
   """Clips every value whose square exceeds ``threshold`` times an EMA of its square (SPAM).
 
@@ -30,6 +32,8 @@ def spam_clip(
     warmup_steps: the number of updates during which nothing is clipped, >= 0; 19 is the
       reference's ``grad_accu_steps=20`` (clipping from the 20th update on).
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``; in its statistics ``clipped_fraction`` is the fraction of
@@ -54,4 +58,4 @@ def spam_clip(
     <https://arxiv.org/abs/2501.06842>`_, 2025
   """
   policy = SecondMoment(threshold=threshold, beta2=beta2, warmup_steps=warmup_steps)
-  return clip_norm(policy, granularity="element", name=name)
+  return clip_norm(policy, granularity="element", name=name, axis_name=axis_name)

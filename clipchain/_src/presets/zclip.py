@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from clipchain._src.clip_norm import clip_norm
+from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Granularity
 from clipchain._src.thresholds.zscore import ZScore
 
@@ -20,6 +21,7 @@ def zclip(
   granularity: str | Granularity = "global",
   *,
   name: str = "zclip",
+  axis_name: AxisName = None,
 ):
   """Clips gradient-norm spikes found by a z-score against an EMA of the norm (ZClip).
 
@@ -46,6 +48,8 @@ def zclip(
       one ZClip per layer, each with its own statistics; ``"unit"``: one per output unit.
       ``"element"`` is refused.
     name: the name under which :func:`clipchain.stats` reports.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
+      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
   Returns:
     An ``optax.GradientTransformation``; :func:`clipchain.stats` reports, besides the norm and the
@@ -81,4 +85,4 @@ def zclip(
     clip_factor=clip_factor,
     skip_update_on_spike=skip_update_on_spike,
   )
-  return clip_norm(policy, granularity=granularity, name=name)
+  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)

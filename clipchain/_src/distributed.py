@@ -1,0 +1,100 @@
+"""Norms across devices: summing float32 squares over named mesh axes, each leaf only over the axes
+along which it actually varies.
+
+Inside ``shard_map`` (with ``check_vma=True``, the default) JAX tracks, for every value, the mesh
+axes along which it differs between devices: a parameter sharded over ``"model"`` varies along
+``"model"``, a replicated one along none. A leaf's sum of squares is summed (``psum``) over the
+requested axes it varies along, so a sharded leaf is counted once whole and a replicated leaf is
+counted once, not once per device. Where JAX does not track this (``pmap``, ``vmap`` with an axis
+name, ``shard_map(check_vma=False)``) every leaf is summed over every requested axis: there, name
+only axes along which every leaf is split. Leaves that vary along the same axes are summed locally
+first, so a whole tree costs one all-reduce per distinct set of axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax._src import config as _jax_config
+
+from clipchain._src import norms
+
+AxisName = str | Sequence[str] | None
+
+
+def as_axis_names(axis_name: AxisName) -> tuple[str, ...]:
+  """``"dp"`` or ``("dp", "mp")`` as a tuple of names; ``None`` as ``()``. Raises on bad input."""
+  if axis_name is None:
+    return ()
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  if not names or not all(isinstance(n, str) and n for n in names):
+    raise ValueError(
+      f"axis_name must be a mesh axis name or a non-empty sequence of them; got {axis_name!r}."
+    )
+  return names
+
+
+def _tracks_varying_axes() -> bool:
+  """Whether JAX is tracking per-value varying axes (inside ``shard_map(check_vma=True)``)."""
+  flag = getattr(_jax_config, "_check_vma", None)
+  return bool(flag is not None and flag.value)
+
+
+def varying_axes(x: jax.Array, axis_names: tuple[str, ...]) -> tuple[str, ...]:
+  """The axes of ``axis_names`` along which ``x`` differs between devices."""
+  if not axis_names or not _tracks_varying_axes():
+    return axis_names
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = aval.manual_axis_type.varying
+  return tuple(a for a in axis_names if a in vma)
+
+
+def sum_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> list:
+  """Each ``values[i]`` (a reduction of ``leaves[i]``) summed over the axes its leaf varies along.
+
+  One collective per distinct set of axes, carrying all the values of that set.
+  """
+  if not axis_names:
+    return list(values)
+  by_axes: dict[tuple[str, ...], list[int]] = {}
+  for i, leaf in enumerate(leaves):
+    by_axes.setdefault(varying_axes(leaf, axis_names), []).append(i)
+  out = list(values)
+  for axes, members in by_axes.items():
+    if axes:
+      summed = jax.lax.psum([values[i] for i in members], axes)
+      for i, value in zip(members, summed):
+        out[i] = value
+  return out
+
+
+def total_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> jax.Array:
+  """``sum(values)`` across leaves and devices: partial sums per axis set, one psum each."""
+  if not axis_names:
+    return norms.total(values)
+  by_axes: dict[tuple[str, ...], list[jax.Array]] = {}
+  for value, leaf in zip(values, leaves):
+    by_axes.setdefault(varying_axes(leaf, axis_names), []).append(value)
+  partials = []
+  for axes, members in by_axes.items():
+    partial = norms.total(members)
+    partials.append(jax.lax.psum(partial, axes) if axes else partial)
+  return norms.total(partials)
+
+
+def global_size(leaf, axis_names: tuple[str, ...]) -> int:
+  """The number of values of ``leaf`` across the devices it is split over."""
+  axes = varying_axes(leaf, axis_names)
+  return leaf.size * math.prod(jax.lax.axis_size(a) for a in axes)
+
+
+def mean_across(x: jax.Array, axis_names: tuple[str, ...]) -> jax.Array:
+  """A scalar such as the loss averaged over devices (NaN anywhere makes it NaN everywhere)."""
+  x = jnp.asarray(x, jnp.float32)
+  axes = varying_axes(x, axis_names)
+  return jax.lax.pmean(x, axes) if axes else x
