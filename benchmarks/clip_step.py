@@ -51,6 +51,8 @@ MAX_NORM = 1.0
 BASELINE = "adam"
 # A second, identical copy of the baseline: its ratio is the noise floor of the measurement.
 CONTROL = "adam (control)"
+# Adaptive presets are also compared with the fixed-threshold global clip they build on.
+CLIP_REFERENCE = "clipchain clip + adam"
 
 
 def _adam() -> optax.GradientTransformation:
@@ -62,6 +64,14 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "adam": _adam,
   "optax clip + adam": lambda: optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()),
   "clipchain clip + adam": lambda: optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam()),
+  # Adaptive thresholds at the global granularity: the target is within 1.1x of CLIP_REFERENCE.
+  "autoclip + adam": lambda: optax.chain(clipchain.autoclip(), _adam()),
+  "zclip + adam": lambda: optax.chain(clipchain.zclip(), _adam()),
+  "quantile_clip + adam": lambda: optax.chain(clipchain.quantile_clip(), _adam()),
+  "global adagc + adam": lambda: optax.chain(
+    clipchain.clip_norm(clipchain.thresholds.EMARatio(), granularity="global", name="adagc"),
+    _adam(),
+  ),
 }
 
 
@@ -165,6 +175,11 @@ def _prepare(name, factory, workload, grads, grad_bytes, dump_hlo: str | None) -
   return _Prepared(compiled, params, opt_state, row)
 
 
+def _paired_ratio(times: list[float], reference: list[float]) -> float:
+  """The median over rounds of ``time / reference time in the same round``."""
+  return statistics.median([a / b for a, b in zip(times, reference)])
+
+
 def run_workload(
   workload: Workload,
   variants: dict[str, Callable[[], optax.GradientTransformation]],
@@ -213,6 +228,7 @@ def run_workload(
         times[name].append(prepared[name].call(grads))
     del prepared
   base = times[BASELINE]
+  clip_base = times.get(CLIP_REFERENCE)
   results = []
   for name in names:
     t = times[name]
@@ -230,7 +246,10 @@ def run_workload(
         "ratio": median / statistics.median(base),
         # Each step against the baseline's step of the same round: insensitive to slow drifts
         # of the machine's load.
-        "paired_ratio": statistics.median([a / b for a, b in zip(t, base)]),
+        "paired_ratio": _paired_ratio(t, base),
+        # The same against the fixed global clip, when it ran.
+        "clip_ratio": None if clip_base is None else median / statistics.median(clip_base),
+        "clip_paired_ratio": None if clip_base is None else _paired_ratio(t, clip_base),
         "times_ms": [1e3 * x for x in t],
       }
     )
@@ -305,6 +324,12 @@ def _bytes(n: int) -> str:
   return f"{n} B"
 
 
+def _clip_ratio(row: dict[str, Any]) -> str:
+  if row.get("clip_paired_ratio") is None:
+    return "-"
+  return f"{row['clip_paired_ratio']:.2f} ({row['clip_ratio']:.2f})"
+
+
 def markdown(results: dict[str, Any]) -> str:
   """The results as a markdown table, with the machine they came from."""
   m = results["machine"]
@@ -312,9 +337,10 @@ def markdown(results: dict[str, Any]) -> str:
     f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, devices {', '.join(m['devices'])}; "
     f"jax {m['jax']}, optax {m['optax']}, clipchain {m['clipchain']}, Python {m['python']}.",
     "",
-    "| workload | variant | median ms (IQR) | vs adam: paired (medians) | compile s | fusions "
-    "| temp | temp / grads | args / out / alias |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    "| workload | variant | median ms (IQR) | vs adam: paired (medians) "
+    "| vs clip: paired (medians) | compile s | fusions | temp | temp / grads "
+    "| args / out / alias |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for w in results["workloads"]:
     label = f"{w['workload']}: {w['description']}"
@@ -322,7 +348,8 @@ def markdown(results: dict[str, Any]) -> str:
       lines.append(
         f"| {label} | {v['variant']} "
         f"| {v['median_ms']:.2f} ({v['q1_ms']:.2f}-{v['q3_ms']:.2f}) "
-        f"| {v['paired_ratio']:.2f} ({v['ratio']:.2f}) | {v['compile_s']:.2f} | {v['fusions']} "
+        f"| {v['paired_ratio']:.2f} ({v['ratio']:.2f}) | {_clip_ratio(v)} "
+        f"| {v['compile_s']:.2f} | {v['fusions']} "
         f"| {_bytes(v['temp_bytes'])} | {v['temp_over_grads']:.2f} "
         f"| {' / '.join(_bytes(v[k]) for k in ('argument_bytes', 'output_bytes', 'alias_bytes'))} |"
       )

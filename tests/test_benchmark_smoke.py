@@ -57,6 +57,17 @@ def test_numbers_are_positive_and_finite(results, workload):
 
 
 @pytest.mark.parametrize("workload", ["large", "many"])
+def test_every_variant_is_also_compared_with_the_fixed_clip(bench, results, workload):
+  rows, _ = _rows(results, workload)
+  assert rows[bench.CLIP_REFERENCE]["clip_paired_ratio"] == 1.0
+  for v in rows.values():
+    assert math.isfinite(v["clip_paired_ratio"]) and v["clip_paired_ratio"] > 0, v["variant"]
+    assert v["clip_ratio"] == pytest.approx(
+      v["median_ms"] / rows[bench.CLIP_REFERENCE]["median_ms"]
+    )
+
+
+@pytest.mark.parametrize("workload", ["large", "many"])
 def test_clipchain_has_no_gradient_sized_temporary(results, workload):
   rows, w = _rows(results, workload)
   assert rows["clipchain clip + adam"]["temp_bytes"] < 0.5 * w["grad_bytes"]
