@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check clipchain tests benchmarks
-	$(VENV)/bin/ruff format --check clipchain tests benchmarks
+	$(VENV)/bin/ruff check clipchain tests benchmarks examples
+	$(VENV)/bin/ruff format --check clipchain tests benchmarks examples
 
 unit: $(STAMP)
 	$(PY) -m pytest clipchain tests
