@@ -77,15 +77,6 @@ def _fraction(over_count: jax.Array, total: int) -> jax.Array:
   return over_count.astype(jnp.float32) / max(total, 1)
 
 
-def _mean_threshold(threshold) -> jax.Array:
-  """Summarises per-group thresholds (a tree) as their mean, a scalar threshold as itself."""
-  leaves = [jnp.asarray(t, jnp.float32) for t in jax.tree.leaves(threshold)]
-  if len(leaves) == 1 and leaves[0].ndim == 0:
-    return leaves[0]
-  count = sum(leaf.size for leaf in leaves)
-  return norms.total([jnp.sum(leaf) for leaf in leaves]) / max(count, 1)
-
-
 class Granularity(abc.ABC):
   """Where a norm is measured. Subclasses: :class:`Global`, :class:`Layer`, :class:`Unit`,
   :class:`Element`."""
@@ -105,6 +96,15 @@ class Granularity(abc.ABC):
 
   def _total(self, values: list, leaves: list) -> jax.Array:
     return distributed.total_across(values, leaves, self.axis_names)
+
+  def _mean_threshold(self, threshold) -> jax.Array:
+    """Summarises per-group thresholds (a tree) as their mean over the groups of every device, a
+    single threshold as itself."""
+    leaves = [jnp.asarray(t, jnp.float32) for t in jax.tree.leaves(threshold)]
+    if len(leaves) == 1 and leaves[0].ndim == 0:
+      return leaves[0]
+    count = sum(distributed.global_size(leaf, self.axis_names) for leaf in leaves)
+    return self._total([jnp.sum(leaf) for leaf in leaves], leaves) / max(count, 1)
 
   @abc.abstractmethod
   def groups(self, tree) -> Groups:
@@ -253,8 +253,11 @@ class Unit(Granularity):
   def __repr__(self) -> str:
     return f"Unit(axis={self.axis!r}, layout={self.layout!r}, stacked_axes={self.stacked_axes})"
 
-  def reduce_axes(self, shape: tuple[int, ...], path: str = "") -> tuple[int, ...]:
-    """The axes of a leaf of ``shape`` that one unit spans."""
+  def reduce_axes(
+    self, shape: tuple[int, ...], path: str = "", *, split: bool = False
+  ) -> tuple[int, ...]:
+    """The axes of a leaf of ``shape`` that one unit spans; ``split``: ``shape`` is a shard of a
+    leaf split across devices."""
     if self.axis is not None:
       return tuple(a % len(shape) for a in self.axis) if shape else ()
     k = self.stacked_axes
@@ -266,6 +269,15 @@ class Unit(Granularity):
       axes = tuple(range(len(inner))) if len(inner) <= 1 else tuple(range(1, len(inner)))
     elif squeezed_rank <= 1:
       axes = tuple(range(len(inner)))
+      # A shard of shape (1, m) is a vector-like (1, k*m) leaf (one unit) or a (k, m) kernel split
+      # along its input axis (m units): only the global shape tells, and it is not known here.
+      by_rank = _FLAX_UNIT_AXES.get(len(inner), axes)
+      if split and any(d > 1 for i, d in enumerate(inner) if i not in by_rank):
+        raise ValueError(
+          f"leaf {path!r} is split across devices and its shard has shape {shape}: the flax "
+          "layout cannot tell whether the axes of size 1 are split axes of a kernel or axes of "
+          "size 1 of a vector-like leaf; pass axis= to say which axes to reduce."
+        )
     elif len(inner) in _FLAX_UNIT_AXES:
       axes = _FLAX_UNIT_AXES[len(inner)]
     else:
@@ -276,8 +288,14 @@ class Unit(Granularity):
     return tuple(a + k for a in axes)
 
   def _axes(self, tree) -> list[tuple[int, ...]]:
-    flat = layers_lib.flatten_with_path(tree)
-    return [self.reduce_axes(jnp.shape(x), layers_lib.path_str(p)) for p, x in flat]
+    return [
+      self.reduce_axes(
+        jnp.shape(x),
+        layers_lib.path_str(p),
+        split=bool(distributed.varying_axes(x, self.axis_names)),
+      )
+      for p, x in layers_lib.flatten_with_path(tree)
+    ]
 
   def groups(self, tree) -> Groups:
     shapes = [
@@ -304,6 +322,7 @@ class Unit(Granularity):
     )
 
   def clip(self, tree, measured, threshold):
+    mean_threshold = self._mean_threshold(threshold)
     threshold = _broadcast_like(threshold, measured.norms)
     factors = jax.tree.map(norms.clip_scale, measured.norms, threshold)
     clipped = jax.tree.map(norms.scale, tree, factors)
@@ -321,7 +340,7 @@ class Unit(Granularity):
       clipped_fraction=_fraction(
         norms.total([jnp.sum(o) for o in jax.tree.leaves(over)]), unit_count
       ),
-      threshold=_mean_threshold(threshold),
+      threshold=mean_threshold,
       layer_norms=jnp.zeros((0,), jnp.float32),
     )
     return clipped, summary
@@ -342,6 +361,8 @@ class Element(Granularity):
     return Measured(magnitudes, None, total)
 
   def clip(self, tree, measured, threshold):
+    # Per-value thresholds of a leaf split over devices differ between them: averaged across.
+    mean_threshold = self._mean_threshold(threshold)
     threshold = _broadcast_like(threshold, tree)
 
     def clip_leaf(x, c):
@@ -365,7 +386,7 @@ class Element(Granularity):
     summary = Summary(
       clipped_norm=norms.safe_sqrt(clipped_squares),
       clipped_fraction=_fraction(over, size),
-      threshold=_mean_threshold(threshold),
+      threshold=mean_threshold,
       layer_norms=jnp.zeros((0,), jnp.float32),
     )
     return clipped, summary

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clipchain._src import distributed
 from clipchain._src import norms as norms_lib
 from clipchain._src.granularity import Groups
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
@@ -22,17 +23,18 @@ class SecondMomentState(NamedTuple):
       granularity), one per layer (layer granularity), or, with the unit and element
       granularities, a tuple with one array per leaf of the norms tree (per element: shaped like
       the gradient).
+    mean_moment: with the unit and element granularities, the mean of ``v`` over every unit or
+      value of the tree, across devices where it is split over them (float32); else ``()``.
   """
 
   moment: Any
+  mean_moment: jax.Array | tuple[()] = ()
 
   def report(self) -> dict[str, jax.Array]:
     """``moment_rms``, ``sqrt(v)``: per layer with the layer granularity; with the unit and
     element granularities the root of the mean ``v`` over units or values."""
     if isinstance(self.moment, tuple):
-      count = sum(x.size for x in self.moment)
-      mean = norms_lib.total([jnp.sum(x) for x in self.moment]) / max(count, 1)
-      return {"moment_rms": norms_lib.safe_sqrt(mean)}
+      return {"moment_rms": norms_lib.safe_sqrt(self.mean_moment)}
     return {"moment_rms": norms_lib.safe_sqrt(self.moment)}
 
 
@@ -100,8 +102,9 @@ class SecondMoment(ThresholdPolicy):
 
   def init(self, groups: Groups) -> SecondMomentState:
     moments = tuple(jnp.zeros(s.shape, jnp.float32) for s in jax.tree.leaves(groups.norms))
-    per_leaf = groups.granularity.name in ("unit", "element")
-    return SecondMomentState(moments if per_leaf else moments[0])
+    if groups.granularity.name in ("unit", "element"):
+      return SecondMomentState(moments, jnp.zeros((), jnp.float32))
+    return SecondMomentState(moments[0])
 
   def __call__(self, norms, state: SecondMomentState, context: Context):
     leaves, treedef = jax.tree.flatten(norms)
@@ -114,8 +117,15 @@ class SecondMoment(ThresholdPolicy):
       clipped = jnp.minimum(norm, limit)
       new_moments.append(self.beta2 * v + (1 - self.beta2) * clipped * clipped)
       thresholds.append(limit)
-    new_moment = tuple(new_moments) if isinstance(state.moment, tuple) else new_moments[0]
-    return jax.tree.unflatten(treedef, thresholds), SecondMomentState(new_moment)
+    thresholds = jax.tree.unflatten(treedef, thresholds)
+    if not isinstance(state.moment, tuple):
+      return thresholds, SecondMomentState(new_moments[0])
+    # Averaged here, where the mesh axes are known: the values of a leaf split across devices
+    # differ between them, so a mean taken when the statistics are read would too.
+    axes = context.granularity.axis_names
+    count = sum(distributed.global_size(v, axes) for v in new_moments)
+    total = distributed.total_across([jnp.sum(v) for v in new_moments], new_moments, axes)
+    return thresholds, SecondMomentState(tuple(new_moments), total / max(count, 1))
 
   def __repr__(self) -> str:
     return (
