@@ -1,6 +1,9 @@
 """Test harness shared by the numerical test files."""
 
+import contextlib
 import functools
+import importlib.util
+import sys
 
 
 @functools.cache
@@ -16,3 +19,17 @@ def updater(make_tx):
     return tx.update(updates, tx.init(updates))
 
   return update
+
+
+@contextlib.contextmanager
+def loaded_script(path, name: str):
+  """Imports a script that is not in a package (an example, a benchmark) as module ``name``."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  # dataclasses look their module up in sys.modules while the class is built.
+  sys.modules[spec.name] = module
+  try:
+    spec.loader.exec_module(module)
+    yield module
+  finally:
+    del sys.modules[spec.name]

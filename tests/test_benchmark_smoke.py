@@ -1,27 +1,19 @@
 """Smoke test of benchmarks/clip_step.py at its --quick sizes: structure and memory, not timing."""
 
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import pytest
+from harness import loaded_script
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "clip_step.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("clip_step", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  # dataclasses look their module up in sys.modules while the class is built.
-  sys.modules[spec.name] = module
-  try:
-    spec.loader.exec_module(module)
+  with loaded_script(_SCRIPT, "clip_step") as module:
     yield module
-  finally:
-    del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")

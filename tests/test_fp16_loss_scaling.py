@@ -1,14 +1,13 @@
 """examples/fp16_loss_scaling.py: unscale, then guard and clip; the loss scale follows the guard."""
 
-import importlib.util
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import jmp
 import numpy as np
 import pytest
+from harness import loaded_script
 
 import clipchain
 
@@ -19,15 +18,8 @@ PERIOD = 10
 
 @pytest.fixture(scope="module")
 def example():
-  spec = importlib.util.spec_from_file_location("fp16_loss_scaling", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  # dataclasses look their module up in sys.modules while the class is built.
-  sys.modules[spec.name] = module
-  try:
-    spec.loader.exec_module(module)
+  with loaded_script(_SCRIPT, "fp16_loss_scaling") as module:
     yield module
-  finally:
-    del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")
