@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+from harness import orbax_round_trip
 
 import clipchain
 from clipchain.granularity import Layer, Unit
@@ -501,11 +501,7 @@ def test_orbax_restores_infinite_and_finite_gamma_bit_exactly(tmp_path):
     _, state = update(g, state, params)
   gamma = state[0].policy_state.gamma
   assert np.isinf(gamma[PATHS.index("norm/scale")]) and np.isfinite(gamma[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = checkpointer.restore(tmp_path / "state", target)
+  restored = orbax_round_trip(tmp_path / "state", state)
   chex.assert_trees_all_equal(restored, state)
   assert type(restored[0].policy_state) is type(state[0].policy_state)
   a, b = state, restored

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import torch
 from autoclip.torch import QuantileClip
+from harness import orbax_round_trip
 
 import clipchain
 from clipchain.granularity import Element, Layer, Unit
@@ -375,11 +375,7 @@ def test_orbax_round_trip(tmp_path, granularity):
   seq = spiky_sequence(10, steps=9)
   _, _, state = run(tx, seq)
   first = jax.tree.map(lambda x: x[0], seq)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(first))
-    restored = checkpointer.restore(tmp_path / "state", target)
+  restored = orbax_round_trip(tmp_path / "state", state, tx.init(first))
   chex.assert_trees_all_equal(restored, state)
   assert restored.policy_state.history_length.dtype == jnp.int32
   g = jax.tree.map(lambda x: jnp.asarray(3 * x[-1]), seq)

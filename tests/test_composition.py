@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from clip_reference import clip_leaves
 from flax import nnx
 from flax.training import train_state
+from harness import orbax_round_trip
 
 import clipchain
 
@@ -463,11 +463,7 @@ def test_orbax_round_trip(tmp_path):
   for step in range(2):
     _, state = tx.update(make_tree(90 + step, scale=3.0), state, params)
 
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(params))
-    restored = checkpointer.restore(tmp_path / "state", target)
+  restored = orbax_round_trip(tmp_path / "state", state, tx.init(params))
 
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from harness import assert_bits_equal, bits
 from jax.experimental import checkify
 
 import clipchain
@@ -62,21 +63,6 @@ def corrupt(grads, value: float, where: str):
     kernel = grads["dense"]["kernel"].at[1, 2].set(value)
     return {"dense": {**grads["dense"], "kernel": kernel}, "zero": grads["zero"]}
   return jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(value), grads)
-
-
-def bits(x) -> np.ndarray:
-  """The raw bits of an array: floats as unsigned integers of their width, others as they are."""
-  x = np.asarray(x)
-  if np.issubdtype(x.dtype, np.floating):
-    return x.view(np.dtype(f"uint{8 * x.dtype.itemsize}"))
-  return x
-
-
-def assert_bits_equal(actual, expected):
-  chex.assert_trees_all_equal_structs(actual, expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    assert np.asarray(a).dtype == np.asarray(e).dtype
-    np.testing.assert_array_equal(bits(a), bits(e))
 
 
 def make_tx(opt_name: str, clipped: bool, **kwargs):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import functools
 import re
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+from harness import assert_bits_equal, orbax_round_trip
 
 import clipchain
 
@@ -369,19 +368,6 @@ def test_compiled_program_has_no_extra_reduction():
 # Composition
 
 
-def bits(x) -> np.ndarray:
-  x = np.asarray(x)
-  if np.issubdtype(x.dtype, np.floating):
-    return x.view(np.dtype(f"uint{8 * x.dtype.itemsize}"))
-  return x
-
-
-def assert_bits_equal(actual, expected):
-  chex.assert_trees_all_equal_structs(actual, expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(bits(a), bits(e))
-
-
 def tree_params():
   rng = np.random.default_rng(0)
   return {"k": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.zeros(4)}
@@ -596,12 +582,7 @@ def test_orbax_round_trip(tmp_path):
   batches = tree_grads(9, nan_at=(2,), spike_at=(6,))
   for grads in batches[:8]:
     params, state = step(params, state, grads)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "state", state)
-  checkpointer.wait_until_finished()
-  restored = checkpointer.restore(
-    tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  )
+  restored = orbax_round_trip(tmp_path / "state", state)
   assert_bits_equal(restored, state)
   assert (restored.name, restored.watch) == ("skip_spikes", ("grad_norm", "loss"))
   assert (restored.inner_state.name, restored.inner_state.max_consecutive) == ("finite", 3)

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from harness import assert_bits_equal, orbax_round_trip
 
 import clipchain
 
@@ -185,13 +186,6 @@ def trajectory(case: Case) -> Trajectory:
   return t
 
 
-def assert_bit_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x, y)
-
-
 @all_cases
 def test_the_spikes_are_clipped(case):
   """The sequence exercises the policy: its state has moved by the last spike, which is clipped."""
@@ -203,19 +197,15 @@ def test_the_spikes_are_clipped(case):
 def test_orbax_round_trip_is_bit_exact_and_training_continues_identically(case, tmp_path):
   t = trajectory(case)
   state = t.states[7]
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = checkpointer.restore(tmp_path / "state", target)
-  assert_bit_equal(restored, state)
+  restored = orbax_round_trip(tmp_path / "state", state)
+  assert_bits_equal(restored, state)
   assert clip_state(restored).name == case.name
   assert clip_state(restored).layer_names == clip_state(state).layer_names
   assert type(clip_state(restored).policy_state) is type(clip_state(state).policy_state)
   rest = jax.tree.map(lambda x: x[7:], t.grads)
   updates, final = t.run(restored, rest, STEPS - 7)
-  assert_bit_equal(updates, t.updates[7:])
-  assert_bit_equal(final, t.states[-1])
+  assert_bits_equal(updates, t.updates[7:])
+  assert_bits_equal(final, t.states[-1])
 
 
 @all_cases
@@ -226,7 +216,7 @@ def test_non_finite_step_keeps_policy_state(case, bad):
   _, after = t.update(with_value(at(t.grads, 6), bad), state, t.params)
   assert int(clip_state(after).count) == int(clip_state(state).count) + 1
   assert not np.isfinite(clip_state(after).norm)
-  assert_bit_equal(clip_state(after).policy_state, clip_state(state).policy_state)
+  assert_bits_equal(clip_state(after).policy_state, clip_state(state).policy_state)
 
 
 @all_cases

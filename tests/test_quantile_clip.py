@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+from harness import orbax_round_trip
 
 import clipchain
 from clipchain.thresholds import QuantileTracker
@@ -317,11 +317,7 @@ def test_orbax_round_trip(tmp_path):
   state = tx.init(params)
   for g in seq[:4]:
     _, state = tx.update(g, state, params)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(params))
-    restored = checkpointer.restore(tmp_path / "state", target)
+  restored = orbax_round_trip(tmp_path / "state", state, tx.init(params))
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     assert a.dtype == b.dtype

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+from harness import orbax_round_trip
 
 import clipchain
 from clipchain.thresholds import SecondMoment
@@ -380,11 +380,7 @@ def test_orbax_round_trip_is_bit_exact(tmp_path):
   state = tx.init(params)
   for g in grads[:10]:
     _, state = update(g, state, params)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = checkpointer.restore(tmp_path / "state", target)
+  restored = orbax_round_trip(tmp_path / "state", state)
   chex.assert_trees_all_equal(restored, state)
   assert type(restored[0].policy_state) is type(state[0].policy_state)
   a, b = state, restored
