@@ -437,7 +437,7 @@ def test_unit_granularity_is_layer_granularity_over_columns():
     rtol=RTOL,
     atol=1e-7,
   )
-  (gamma,) = unit_state.policy_state.gamma
+  gamma = unit_state.policy_state.gamma["w"]
   np.testing.assert_allclose(gamma[0], layer_state.policy_state.gamma, rtol=RTOL)
   report = clipchain.stats(unit_state)
   np.testing.assert_allclose(report["clip_norm/gamma"], np.mean(gamma), rtol=RTOL)
@@ -534,22 +534,25 @@ def test_stats_report_gamma_per_layer():
     (dict(beta=1.0), "beta"),
     (dict(beta=-0.1), "beta"),
     (dict(warmup_steps=-1), "warmup_steps"),
-    (dict(warmup_steps=2.5), "warmup_steps"),
+    (dict(warmup_steps=2.5), "warmup_steps"),  # TypeError: not an integer
     (dict(warmup_max_norm=-1.0), "warmup_max_norm"),
     (dict(warmup_max_norm=math.inf), "warmup_max_norm"),
     (dict(eps=-1e-6), "eps"),
   ],
 )
 def test_invalid_hyperparameters_are_refused(kwargs, argname):
-  with pytest.raises(ValueError, match=argname):
+  error = TypeError if isinstance(kwargs.get("warmup_steps"), float) else ValueError
+  with pytest.raises(error, match=argname):
     clipchain.adagc(**kwargs)
-  with pytest.raises(ValueError, match=argname):
+  with pytest.raises(error, match=argname):
     EMARatio(**kwargs)
 
 
 def test_element_granularity_is_refused_with_a_reason():
-  with pytest.raises(ValueError, match=r"element.*SecondMoment"):
+  with pytest.raises(ValueError, match=r"Element\(\).*SecondMoment"):
     clipchain.clip_norm(EMARatio(), granularity="element")
+  with pytest.raises(ValueError, match=r"every value is its own group"):
+    clipchain.adagc(granularity="element")
   for granularity in ("global", "layer", "unit"):
     clipchain.clip_norm(EMARatio(), granularity=granularity)
 

@@ -331,7 +331,8 @@ def test_max_consecutive_validation(value):
   if value is None:
     clipchain.skip_nonfinite(optax.sgd(0.1), max_consecutive=None)  # no limit is allowed
     return
-  with pytest.raises(ValueError, match="max_consecutive"):
+  error = ValueError if value == -1 and not isinstance(value, bool) else TypeError
+  with pytest.raises(error, match="max_consecutive"):
     clipchain.skip_nonfinite(optax.sgd(0.1), max_consecutive=value)
 
 

@@ -147,7 +147,7 @@ def test_per_layer_thresholds_with_regex_layers():
 
 
 def test_block_rms_groups_like_layers():
-  tx = clipchain.clip_norm(0.5, granularity=gran.Layer("module", measure="rms"))
+  tx = clipchain.clip_norm(0.5, granularity=gran.Layer("module", norm="rms"))
   tree = model_tree()
   updates, state = tx.update(tree, tx.init(tree))
   assert state.layer_names == ("params/Dense_0", "params/Dense_1", "params")

@@ -242,7 +242,7 @@ LAYER_CASES = {
   ),
   "block_rms": (clipchain.clip_by_block_rms, MIXED_SHAPES, str, True),
   "module_rms": (
-    lambda c: clipchain.clip_norm(c, granularity=Layer("module", measure="rms")),
+    lambda c: clipchain.clip_norm(c, granularity=Layer("module", norm="rms")),
     MODULE_SHAPES,
     module_of,
     True,
@@ -283,7 +283,7 @@ def module_l2_tx(c):
 
 
 def module_rms_tx(c):
-  return clipchain.clip_norm(c, granularity=Layer("module", measure="rms"))
+  return clipchain.clip_norm(c, granularity=Layer("module", norm="rms"))
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["l2", "rms"])
@@ -307,7 +307,7 @@ def test_per_layer_thresholds_from_a_mapping(rms, maybe_jit):
 GRANULARITIES = {
   "global": "global",
   "layer": "layer",
-  "rms": Layer(measure="rms"),
+  "rms": Layer(norm="rms"),
   "unit": "unit",
   "element": "element",
 }

@@ -105,7 +105,7 @@ def run(tx, seq, *, with_thresholds=False):
 
 def moments_by_path(policy_state):
   """The per-value ``v`` of the element granularity, keyed by path (leaves in ``PATHS`` order)."""
-  return dict(zip(PATHS, (np.asarray(v) for v in policy_state.moment)))
+  return dict(zip(PATHS, (np.asarray(v) for v in jax.tree.leaves(policy_state.moment))))
 
 
 def spam_reference(seq, *, threshold, beta2, warmup_steps, clip_at_zero_v=False):
@@ -272,7 +272,7 @@ def test_v_is_adams_second_moment_when_chained_before_adam():
   for g in seq:
     _, state = update(nest({p: jnp.asarray(x, jnp.float32) for p, x in g.items()}), state, params)
     moment = state[0].policy_state.moment
-    chex.assert_trees_all_close(moment, tuple(jax.tree.leaves(state[1][0].nu)), rtol=1e-6)
+    chex.assert_trees_all_close(moment, state[1][0].nu, rtol=1e-6)
     clipped += float(state[0].clipped_fraction) > 0
   assert clipped >= 2
 
@@ -322,7 +322,7 @@ def test_bfloat16_gradients_keep_their_dtype():
   for g in grads:
     updates, state = update(g, state)
     chex.assert_trees_all_equal_dtypes(updates, g)
-  assert all(v.dtype == jnp.float32 for v in state.policy_state.moment)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.policy_state.moment))
   # The spike is clipped to sqrt(5000 * v), v computed in float32 from the bfloat16 values.
   bf16 = [{p: np.asarray(flat(g)[p], np.float64) for p in PATHS} for g in grads]
   reference = spam_reference(bf16, threshold=5000.0, beta2=0.999, warmup_steps=19)
@@ -400,8 +400,8 @@ def test_stats_report_the_moment_rms_and_the_clipped_fraction():
   stats = clipchain.stats(final)
   size = sum(math.prod(shape_of(p)) for p in PATHS)
   assert stats["spam/clipped_fraction"] == fractions[-1] == pytest.approx(1 / size)
-  v = np.concatenate([np.ravel(x) for x in final.policy_state.moment])
-  np.testing.assert_allclose(stats["spam/moment_rms"], np.sqrt(v.mean()), rtol=RTOL)
+  v = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final.policy_state.moment)])
+  np.testing.assert_allclose(stats["spam/moment_rms"], np.sqrt(v).mean(), rtol=RTOL)
   assert np.isfinite(stats["spam/threshold"])
   layer = clipchain.clip_norm(SecondMoment(), granularity="layer", name="lay")
   state = layer.init(nest({p: jnp.zeros(shape_of(p)) for p in PATHS}))
@@ -424,9 +424,10 @@ def test_stats_report_the_moment_rms_and_the_clipped_fraction():
   ],
 )
 def test_invalid_hyperparameters_are_refused(kwargs, argname):
-  with pytest.raises(ValueError, match=argname):
+  error = TypeError if isinstance(kwargs.get("warmup_steps"), float) else ValueError
+  with pytest.raises(error, match=argname):
     clipchain.spam_clip(**kwargs)
-  with pytest.raises(ValueError, match=argname):
+  with pytest.raises(error, match=argname):
     SecondMoment(**kwargs)
 
 
@@ -435,6 +436,6 @@ def test_every_granularity_is_accepted_and_the_preset_is_per_element():
     clipchain.clip_norm(SecondMoment(), granularity=granularity)
   state = clipchain.spam_clip(name="mine").init({"w": jnp.zeros((2, 3))})
   assert state.name == "mine"
-  assert state.policy_state.moment[0].shape == (2, 3)
+  assert state.policy_state.moment["w"].shape == (2, 3)
   with pytest.raises(ValueError, match="name"):
     clipchain.spam_clip(name="")

@@ -1,4 +1,5 @@
-"""Bad arguments fail early, with a ``ValueError`` that names the argument and the value."""
+"""Bad arguments fail early, naming the argument and the value: ``TypeError`` for a value of the
+wrong type, ``ValueError`` for a value of the right type that is out of range."""
 
 from __future__ import annotations
 
@@ -31,7 +32,20 @@ BAD_THRESHOLDS = [
   (np.float32(-2.0), "-2.0"),
   (jnp.array(-3.0), "-3."),
   (jnp.array(jnp.nan), "nan"),
-  ("1.0x", "1.0x"),
+  # Finite as a Python float, infinite in the float32 the threshold is kept in.
+  (3e39, "3e+39"),
+  # A threshold is one number: an array would be broadcast against the updates.
+  (jnp.array([1.0, 2.0]), "shape (2,)"),
+  (np.ones((1,)), "shape (1,)"),
+]
+WRONG_TYPE_THRESHOLDS = [
+  ("1.0", "'1.0'"),
+  ("1.0x", "'1.0x'"),
+  (True, "True"),
+  (np.bool_(False), "False"),
+  (None, "None"),
+  (jnp.array(1.0 + 0j), "complex64"),
+  ([1.0], r"\[1.0\]"),
 ]
 
 
@@ -39,6 +53,15 @@ BAD_THRESHOLDS = [
 @pytest.mark.parametrize("value,shown", BAD_THRESHOLDS, ids=[s for _, s in BAD_THRESHOLDS])
 def test_bad_threshold(factory, argname, value, shown):
   with pytest.raises(ValueError, match=rf"{argname}.*{re.escape(shown)}"):
+    factory(value)
+
+
+@presets
+@pytest.mark.parametrize(
+  "value,shown", WRONG_TYPE_THRESHOLDS, ids=[s for _, s in WRONG_TYPE_THRESHOLDS]
+)
+def test_threshold_of_the_wrong_type(factory, argname, value, shown):
+  with pytest.raises(TypeError, match=rf"{argname}.*{shown}"):
     factory(value)
 
 
@@ -63,59 +86,65 @@ def test_schedule_is_accepted(factory, argname):
   assert not np.array_equal(updates["w"], grads["w"])
 
 
-@pytest.mark.parametrize(
-  "bad", ["Global", "layers", "per-layer", "", "unit ", None, 3, gran.Layer], ids=repr
-)
+@pytest.mark.parametrize("bad", ["Global", "layers", "per-layer", "", "unit "], ids=repr)
 def test_unknown_granularity(bad):
   with pytest.raises(ValueError, match=rf"granularity.*{re.escape(repr(bad))}"):
     clipchain.clip_norm(1.0, granularity=bad)
 
 
+@pytest.mark.parametrize("bad", [None, 3, gran.Layer], ids=repr)
+def test_granularity_of_the_wrong_type(bad):
+  with pytest.raises(TypeError, match=rf"granularity.*{re.escape(repr(bad))}"):
+    clipchain.clip_norm(1.0, granularity=bad)
+
+
 MALFORMED_LAYERS = [
-  ("modules", r"layers.*'modules'"),
-  ("leaves", r"layers.*'leaves'"),
-  ({}, r"layers must not be an empty mapping"),
-  ({"a": "("}, r"layers\['a'\].*regular expression.*'\('"),
-  ({"a": "[z-a]"}, r"layers\['a'\].*'\[z-a\]'"),
-  ({"a": 1}, r"layers.*'a': 1"),
-  ({1: "x"}, r"layers.*1: 'x'"),
-  (["dense", "out"], r"layers.*\['dense', 'out'\]"),
-  (3, r"layers.*got 3"),
+  ("modules", r"layers.*'modules'", ValueError),
+  ("leaves", r"layers.*'leaves'", ValueError),
+  ({}, r"layers must not be an empty mapping", ValueError),
+  ({"a": "("}, r"layers\['a'\].*regular expression.*'\('", ValueError),
+  ({"a": "[z-a]"}, r"layers\['a'\].*'\[z-a\]'", ValueError),
+  ({"a": 1}, r"layers.*'a': 1", TypeError),
+  ({1: "x"}, r"layers.*1: 'x'", TypeError),
+  (["dense", "out"], r"layers.*\['dense', 'out'\]", TypeError),
+  (3, r"layers.*got 3", TypeError),
 ]
 
 
 @pytest.mark.parametrize(
-  "layers,message", MALFORMED_LAYERS, ids=[repr(m[0]) for m in MALFORMED_LAYERS]
+  "layers,message,error", MALFORMED_LAYERS, ids=[repr(m[0]) for m in MALFORMED_LAYERS]
 )
-def test_malformed_layers(layers, message):
-  with pytest.raises(ValueError, match=message):
+def test_malformed_layers(layers, message, error):
+  with pytest.raises(error, match=message):
     clipchain.clip_by_layer_norm(1.0, layers=layers)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(error, match=message):
     gran.Layer(layers)
 
 
 def test_layers_callable_must_return_str():
   tx = clipchain.clip_by_layer_norm(1.0, layers=lambda path, leaf: len(path))
-  with pytest.raises(ValueError, match=r"layers callable.*str.*1.*'a'"):
+  with pytest.raises(TypeError, match=r"layers callable.*str.*1.*'a'"):
     tx.init({"a": jnp.zeros(2)})
 
 
-def test_bad_layer_measure():
-  with pytest.raises(ValueError, match=r"measure.*'l1'"):
-    gran.Layer(measure="l1")
+def test_bad_layer_norm():
+  with pytest.raises(ValueError, match=r"norm.*'l1'"):
+    gran.Layer(norm="l1")
+  with pytest.raises(TypeError, match=r"norm.*2"):
+    gran.Layer(norm=2)
 
 
 @pytest.mark.parametrize("granularity", ["global", "unit", "element", gran.Unit(layout="torch")])
 def test_per_layer_thresholds_need_layer_granularity(granularity):
-  name = granularity if isinstance(granularity, str) else granularity.name
-  with pytest.raises(ValueError, match=rf"threshold.*mapping.*layer granularity.*'{name}'"):
+  shown = {"global": "Global()", "unit": "Unit(", "element": "Element()"}.get(granularity, "Unit(")
+  with pytest.raises(ValueError, match=rf"threshold.*mapping.*named groups.*{re.escape(shown)}"):
     clipchain.clip_norm({"a": 1.0}, granularity=granularity)
 
 
 def test_per_layer_thresholds_through_presets():
-  with pytest.raises(ValueError, match=r"max_delta.*mapping.*'element'"):
+  with pytest.raises(ValueError, match=r"max_delta.*mapping.*Element\(\)"):
     clipchain.clip({"a": 1.0})
-  with pytest.raises(ValueError, match=r"max_norm.*mapping.*'global'"):
+  with pytest.raises(ValueError, match=r"max_norm.*mapping.*Global\(\)"):
     clipchain.clip_by_global_norm({"a": 1.0})
 
 
@@ -149,21 +178,34 @@ def test_leaf_matching_no_pattern_fails_at_init():
 
 
 BAD_UNITS = [
-  ({"layout": "jax"}, r"layout.*'jax'"),
-  ({"layout": None}, r"layout.*None"),
-  ({"stacked_axes": -1}, r"stacked_axes.*-1"),
-  ({"stacked_axes": 1.5}, r"stacked_axes.*1\.5"),
-  ({"stacked_axes": True}, r"stacked_axes.*True"),
-  ({"axis": "0"}, r"axis.*'0'"),
-  ({"axis": (0, 1.0)}, r"axis.*\(0, 1\.0\)"),
-  ({"axis": True}, r"axis.*True"),
+  ({"layout": "jax"}, r"layout.*'jax'", ValueError),
+  ({"layout": None}, r"layout.*None", TypeError),
+  ({"stacked_axes": -1}, r"stacked_axes.*-1", ValueError),
+  ({"stacked_axes": 1.5}, r"stacked_axes.*1\.5", TypeError),
+  ({"stacked_axes": True}, r"stacked_axes.*True", TypeError),
+  ({"axis": "0"}, r"axis.*'0'", TypeError),
+  ({"axis": (0, 1.0)}, r"axis.*1\.0", TypeError),
+  ({"axis": True}, r"axis.*True", TypeError),
 ]
 
 
-@pytest.mark.parametrize("kwargs,message", BAD_UNITS, ids=[repr(k) for k, _ in BAD_UNITS])
-def test_bad_unit_arguments(kwargs, message):
-  with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("kwargs,message,error", BAD_UNITS, ids=[repr(k) for k, _, _ in BAD_UNITS])
+def test_bad_unit_arguments(kwargs, message, error):
+  with pytest.raises(error, match=message):
     gran.Unit(**kwargs)
+
+
+@pytest.mark.parametrize("axis", [2, -3, (0, 5)])
+def test_unit_axis_out_of_range_fails_at_init(axis):
+  """An axis beyond a leaf's rank is an error, not wrapped around to another axis."""
+  tx = clipchain.adaptive_grad_clip(0.1, axis=axis)
+  with pytest.raises(ValueError, match=r"axis=.*out of range for leaf 'w' of shape \(3, 4\)"):
+    tx.init({"w": jnp.zeros((3, 4))})
+  # Negative axes within the rank count from the end, as in NumPy.
+  params = {"w": jnp.ones((3, 4))}
+  tx = clipchain.adaptive_grad_clip(0.1, axis=-2)
+  updates, _ = tx.update(params, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], 0.1 * np.ones((3, 4)), rtol=1e-6)
 
 
 def test_rank6_leaf_with_flax_layout_fails_at_init():
@@ -184,7 +226,9 @@ def test_stacked_axes_beyond_rank_fails_at_init():
 @pytest.mark.parametrize("name", ["", 3, ("clip",), b"clip"], ids=repr)
 @presets
 def test_bad_name(factory, argname, name):
-  with pytest.raises(ValueError, match=rf"name.*{re.escape(repr(name))}"):
+  with pytest.raises(
+    ValueError if name == "" else TypeError, match=rf"name.*{re.escape(repr(name))}"
+  ):
     factory(1.0, name=name)
 
 

@@ -129,12 +129,19 @@ def assert_matches_reference(updates, states, ref_grads, ref, warmup_steps, laye
   np.testing.assert_allclose(
     stats[key("std")][started] ** 2, ref["var"][started], rtol=RTOL, atol=1e-9
   )
-  np.testing.assert_array_equal(stats[key("mean")][~started], 0.0)
+  # During the warmup the statistics are the running mean and population variance so far.
+  norms = np.asarray(ref["norm"], np.float64)
+  prefix_mean = np.array([norms[: t + 1].mean() for t in range(len(norms))])
+  prefix_var = np.array([norms[: t + 1].var() for t in range(len(norms))])
+  np.testing.assert_allclose(stats[key("mean")][~started], prefix_mean[~started], rtol=RTOL)
+  np.testing.assert_allclose(
+    stats[key("std")][~started] ** 2, prefix_var[~started], rtol=RTOL, atol=1e-9
+  )
   judged = ~np.isnan(ref["z"])
   np.testing.assert_allclose(stats[key("z")][judged], ref["z"][judged], rtol=1e-4, atol=1e-3)
   np.testing.assert_array_equal(stats[key("z")][~judged], 0.0)
   # The reference empties its buffer when the statistics start; clipchain's counts down to 0.
-  remaining = stats["zclip/warmup_remaining"]
+  remaining = stats[key("warmup_remaining")]
   collecting = ~started
   np.testing.assert_array_equal(warmup_steps - remaining[collecting], ref["buffer"][collecting])
   np.testing.assert_array_equal(remaining[started], 0)
@@ -270,12 +277,15 @@ def test_per_unit_is_one_zclip_per_unit():
     (ref_grads,), ref = run_reference(sequence, **kwargs)
     np.testing.assert_allclose(of_updates(updates), ref_grads, rtol=RTOL, atol=1e-7)
     spikes.append(ref["spike"])
-    means.append(np.nan_to_num(ref["mean"]))
+    # Before its statistics start, a unit reports the running mean of its norms so far.
+    prefix = np.cumsum(ref["norm"]) / np.arange(1, steps + 1)
+    means.append(np.where(np.isnan(ref["mean"]), prefix, ref["mean"]))
   stats = clipchain.stats(states)
   np.testing.assert_allclose(stats["zclip/spike"], np.mean(spikes, axis=0), rtol=1e-6)
   np.testing.assert_allclose(stats["zclip/mean"], np.mean(means, axis=0), rtol=RTOL)
   assert 0.0 < np.mean(spikes) < 0.5
-  assert [m.shape for m in states.policy_state.mean] == [(steps, 1), (steps, 3)]
+  # One entry per unit, shaped like the norms: the leaf's shape with the reduced axis kept.
+  assert [m.shape for m in jax.tree.leaves(states.policy_state.mean)] == [(steps, 1), (steps, 1, 3)]
 
 
 def test_vmap_over_independent_runs():
@@ -318,16 +328,18 @@ def test_state_shapes_and_report():
   params = jax.tree.map(jnp.zeros, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
   state = tx.init(params)
   policy = state.policy_state
-  assert policy.buffer.shape == (4, 4) and policy.buffer.dtype == jnp.float32
   assert policy.mean.shape == policy.var.shape == policy.z.shape == (4,)
-  assert policy.warmup_remaining.shape == () and policy.warmup_remaining.dtype == jnp.int32
+  assert policy.mean.dtype == jnp.float32
+  assert policy.warmup_remaining.shape == (4,) and policy.warmup_remaining.dtype == jnp.int32
   assert all(x.size > 0 for x in jax.tree.leaves(state))
   stats = clipchain.stats(state)
-  assert int(stats["zclip/warmup_remaining"]) == 4
-  for key in ("mean", "std", "z", "spike"):
+  for key in ("mean", "std", "z", "spike", "warmup_remaining"):
     assert f"zclip/{key}/dense/kernel" in stats and f"zclip/{key}/scale" in stats
+  assert int(stats["zclip/warmup_remaining/scale"]) == 4
   global_state = clipchain.zclip(warmup_steps=4, name="zc").init(params)
-  assert global_state.policy_state.buffer.shape == (4,)
+  assert (
+    global_state.policy_state.mean.shape == global_state.policy_state.warmup_remaining.shape == ()
+  )
   assert set(clipchain.stats(global_state)) >= {"zc/mean", "zc/std", "zc/z", "zc/spike"}
 
 
@@ -374,7 +386,12 @@ def test_preset_equals_policy():
   ],
 )
 def test_validation(kwargs, argname):
-  with pytest.raises(ValueError, match=re.escape(argname)) as info:
+  value = next(iter(kwargs.values()))
+  # A value of the wrong type (a float or bool step count, a string flag) is a TypeError.
+  wrong_type = (argname == "warmup_steps" and type(value) is not int) or (
+    argname == "skip_update_on_spike"
+  )
+  with pytest.raises(TypeError if wrong_type else ValueError, match=re.escape(argname)) as info:
     clipchain.zclip(**kwargs)
   assert repr(next(iter(kwargs.values()))) in str(info.value)
 
@@ -382,5 +399,5 @@ def test_validation(kwargs, argname):
 def test_element_granularity_is_refused():
   with pytest.raises(ValueError, match="SecondMoment"):
     clipchain.zclip(granularity="element")
-  with pytest.raises(ValueError, match="element"):
+  with pytest.raises(ValueError, match=r"Element\(\) every value is its own group"):
     clipchain.clip_norm(ZScore(), granularity=Element())

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import optax
 
 from clipchain._src import distributed, norms
+from clipchain._src import layers as layers_lib
 from clipchain._src import stats as stats_lib
-from clipchain._src.granularity import Granularity, as_granularity
+from clipchain._src.granularity import GranularityLike, as_granularity, is_scalar
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
 from clipchain._src.thresholds.fixed import Fixed, Scheduled
+from clipchain._src.validation import check_name
 
 ThresholdLike = (
   jax.typing.ArrayLike | Mapping[str, float] | Callable[[jax.Array], Any] | ThresholdPolicy
@@ -32,24 +34,105 @@ def as_policy(threshold: ThresholdLike, argname: str = "threshold") -> Threshold
   return Fixed(threshold, argname=argname)
 
 
-@stats_lib.register_state("name", "layer_names")
+class TreeSignature:
+  """The paths and shapes of a tree's leaves, kept in a state's static fields so that ``update``
+  can say what differs from the tree ``init`` saw (compared by a digest, cheap to hash)."""
+
+  __slots__ = ("_key", "leaves")
+
+  def __init__(self, tree):
+    self.leaves = tuple(
+      (layers_lib.path_str(p), tuple(jnp.shape(x))) for p, x in layers_lib.flatten_with_path(tree)
+    )
+    self._key = hash(self.leaves)
+
+  def __hash__(self) -> int:
+    return self._key
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, TreeSignature) and (
+      self is other or (self._key == other._key and self.leaves == other.leaves)
+    )
+
+  def __repr__(self) -> str:
+    return f"TreeSignature({len(self.leaves)} leaves)"
+
+  def difference(self, other: TreeSignature) -> str:
+    """What ``other`` (the updates) has that ``self`` (the tree given to init) has not."""
+    mine, theirs = dict(self.leaves), dict(other.leaves)
+    parts = []
+    if missing := [p for p in mine if p not in theirs]:
+      parts.append(f"leaves missing from the updates: {missing[:5]}")
+    if extra := [p for p in theirs if p not in mine]:
+      parts.append(f"leaves not in the tree given to init: {extra[:5]}")
+    if changed := [
+      f"{p}: {mine[p]} -> {theirs[p]}" for p in mine if p in theirs and mine[p] != theirs[p]
+    ]:
+      parts.append(f"shapes changed: {changed[:5]}")
+    if not parts:
+      parts.append("the same leaves in a different order or container")
+    return "; ".join(parts)
+
+
+def check_same_tree(owner: str, expected: TreeSignature, updates) -> None:
+  """Raises ``ValueError``, saying what differs, if ``updates`` is not shaped like the tree the
+  state was initialised with."""
+  got = TreeSignature(updates)
+  if got != expected:
+    raise ValueError(
+      f"{owner}: the updates are not shaped like the tree its state was initialised with "
+      f"({expected.difference(got)}); call init on a tree shaped like the updates."
+    )
+
+
+def keep_dtypes(new, old):
+  """``new`` cast to the dtypes of ``old``: a state's dtypes are fixed at ``init`` (under
+  ``jax_enable_x64`` a statistic computed from float64 leaves would otherwise turn float64 after
+  the first update, and ``lax.scan`` and ``jit``'s cache would see a different state)."""
+  return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, old)
+
+
+def _check_threshold_shapes(policy, threshold, norms) -> None:
+  if is_scalar(threshold):
+    return
+  structure = jax.tree.structure(norms)
+  try:
+    leaves = structure.flatten_up_to(threshold)
+  except (ValueError, TypeError):
+    leaves = None
+  if leaves is None or any(
+    jnp.broadcast_shapes(jnp.shape(t), jnp.shape(n)) != jnp.shape(n)
+    for t, n in zip(leaves, jax.tree.leaves(norms))
+  ):
+    raise ValueError(
+      f"{policy!r} returned a threshold shaped {jax.tree.map(jnp.shape, threshold)}; it must be a "
+      f"scalar or shaped like the norms, {jax.tree.map(jnp.shape, norms)}."
+    )
+
+
+@stats_lib.register_state("name", "layer_names", "axis_names", "signature")
 class ClipNormState(NamedTuple):
   """State of :func:`clip_norm` and every clipping preset.
 
-  All statistics describe the last update and are 0 before the first one.
+  All statistics describe the last update and are 0 before the first one, except the policy's
+  estimates (``policy_stats``), which describe its initial state until then.
 
   Attributes:
     count: number of updates made (int32).
     norm: the L2 norm of the whole update before clipping.
     clipped_norm: the L2 norm of the whole update after clipping.
-    threshold: the threshold applied: a scalar; one per layer with the layer granularity; the mean
-      over groups for per-unit or per-element thresholds that differ.
+    threshold: the threshold applied, summarised by the granularity: a scalar; one per layer with
+      the layer granularity; the mean over units or values where they differ.
     clipped_fraction: the fraction of groups (the tree, layers, units or values) scaled down.
     layer_norms: the norm of each layer before clipping (layer granularity; else ``()``: Orbax
       cannot save a zero-size array).
     policy_state: the threshold policy's own state.
+    policy_stats: the policy's estimates (``ThresholdPolicy.statistics``) summarised by the
+      granularity, by name.
     name: the name under which :func:`clipchain.stats` reports (static, not an array).
-    layer_names: the path of each layer (static).
+    layer_names: the name of each layer (static).
+    axis_names: the mesh axes norms are summed across (static).
+    signature: the paths and shapes of the tree ``init`` saw (static).
   """
 
   count: jax.Array
@@ -59,8 +142,11 @@ class ClipNormState(NamedTuple):
   clipped_fraction: jax.Array
   layer_norms: jax.Array | tuple[()]
   policy_state: Any
+  policy_stats: dict[str, jax.Array]
   name: str = "clip_norm"
   layer_names: tuple[str, ...] = ()
+  axis_names: tuple[str, ...] = ()
+  signature: TreeSignature | None = None
 
   def report(self) -> dict[str, jax.Array]:
     out = {
@@ -68,18 +154,13 @@ class ClipNormState(NamedTuple):
       "clipped_norm": self.clipped_norm,
       "clipped_fraction": self.clipped_fraction,
     }
+    per_group = {"threshold": self.threshold, **self.policy_stats}
     if self.layer_names:
       out.update(self._per_layer("norm", self.layer_norms))
-      out.update(self._per_layer("threshold", self.threshold))
+      for key, value in per_group.items():
+        out.update(self._per_layer(key, value))
     else:
-      out["threshold"] = self.threshold
-    policy_report = getattr(self.policy_state, "report", None)
-    if callable(policy_report):
-      for key, value in policy_report().items():
-        if self.layer_names and jnp.shape(value)[-1:] == (len(self.layer_names),):
-          out.update(self._per_layer(key, value))
-        else:
-          out[key] = value
+      out.update(per_group)
     return out
 
   def _per_layer(self, key: str, values: jax.Array) -> dict[str, jax.Array]:
@@ -89,8 +170,8 @@ class ClipNormState(NamedTuple):
 def clip_norm(
   threshold: ThresholdLike,
   *,
-  granularity: str | Granularity = "global",
-  name: str | None = None,
+  granularity: GranularityLike = "global",
+  name: str = "clip_norm",
   axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformation:
   """Clips updates so that each group's norm is at most a threshold.
@@ -99,28 +180,35 @@ def clip_norm(
   (``granularity``) and *how* the threshold is set (``threshold``: a number, a schedule or a
   policy from :mod:`clipchain.thresholds`) are independent choices. Each group ``g`` with norm
   ``‖g‖`` above the threshold ``c`` is scaled by ``c / ‖g‖``; the element granularity clips values
-  to ``[-c, c]``. Norms are accumulated in float32 whatever the update's dtype, updates keep their
-  dtype, and the scale is applied as one fused multiply (no second gradient-sized buffer).
+  to ``[-c, c]`` (a complex value keeps its phase). Norms are accumulated in float32 whatever the
+  update's dtype, updates keep their dtype, and the scale is applied as one fused multiply (no
+  second gradient-sized buffer). A threshold that is negative at run time (a schedule, or
+  ``optax.inject_hyperparams`` under ``jit``) is taken as 0: the update is clipped to zero, never
+  flipped; a NaN threshold gives NaN updates rather than a silently wrong number.
 
   Args:
     threshold: a non-negative finite number; with the layer granularity, a mapping from layer
       name to threshold; a schedule ``step -> threshold`` (e.g. an ``optax`` schedule); or a
       :class:`clipchain.thresholds.ThresholdPolicy`.
-    granularity: ``"global"``, ``"layer"``, ``"unit"``, ``"element"``, or a configured
+    granularity: ``"global"``, ``"layer"``, ``"unit"``, ``"element"``, or a
       :mod:`clipchain.granularity` object such as ``Layer(layers="module")``.
     name: the name under which :func:`clipchain.stats` reports this transform.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to sum norms across, so that
       a tree split over devices is clipped by its true norm and every device computes the same
-      thresholds and statistics. Each leaf is counted only over the axes along which it varies.
-      Not needed under ``jit`` with sharded arrays, nor after a ``pmean`` of the gradients (it
-      would then over-count). See ``docs/distributed.md``.
+      thresholds and statistics. Each leaf is counted only over the axes along which it varies; a
+      name that is not an axis there is an error. Not needed under ``jit`` with sharded arrays,
+      nor after a ``pmean`` of the gradients (it would then over-count). See
+      ``docs/distributed.md``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipNormState`.
 
   Raises:
-    ValueError: at construction, for a negative, NaN or infinite threshold, an unknown
-      granularity, or a policy that is meaningless at the granularity.
+    TypeError: at construction, for an argument of the wrong type.
+    ValueError: at construction, for a negative, NaN, infinite or non-scalar threshold, an
+      unknown granularity, or a policy that is meaningless at the granularity; at ``init`` for a
+      tree the granularity cannot group; at ``update`` for updates shaped unlike the tree given
+      to ``init``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipchain
@@ -135,39 +223,51 @@ def clip_norm(
     5.0
   """
   policy = as_policy(threshold)
-  where = as_granularity(granularity).across(axis_name)
+  where = as_granularity(granularity)
   policy.check_granularity(where)
-  if name is None:
-    name = "clip_norm"
-  elif not isinstance(name, str) or not name:
-    raise ValueError(f"name must be a non-empty str; got {name!r}.")
+  check_name(name)
+  axis_names = distributed.as_axis_names(axis_name)
+
+  def summaries(policy_state, axes: tuple[str, ...]) -> dict[str, jax.Array]:
+    return {
+      key: where.summarize(value, axes) for key, value in policy.statistics(policy_state).items()
+    }
 
   def init_fn(params):
     groups = where.groups(params)
-    zero = jnp.zeros((), jnp.float32)
+    policy_state = policy.init(groups)
     return ClipNormState(
       count=jnp.zeros((), jnp.int32),
-      norm=zero,
-      clipped_norm=zero,
-      threshold=jnp.zeros(groups.norms.shape if groups.names else (), jnp.float32),
-      clipped_fraction=zero,
+      norm=jnp.zeros((), jnp.float32),
+      clipped_norm=jnp.zeros((), jnp.float32),
+      threshold=jnp.zeros((len(groups.names),) if groups.names else (), jnp.float32),
+      clipped_fraction=jnp.zeros((), jnp.float32),
       layer_norms=jnp.zeros((len(groups.names),), jnp.float32) if groups.names else (),
-      policy_state=policy.init(groups),
+      policy_state=policy_state,
+      # Copies: a summary may be a policy-state array itself, and no two fields may share a
+      # buffer (a donated step would donate it twice).
+      policy_stats=jax.tree.map(jnp.copy, summaries(policy_state, ())),
       name=name,
       layer_names=groups.names,
+      axis_names=axis_names,
+      signature=TreeSignature(params),
     )
 
   def update_fn(updates, state, params=None):
+    if state.signature is not None:
+      check_same_tree(name, state.signature, updates)
+    distributed.check_bound(axis_names, name)
     groups = where.groups(updates)
-    if groups.names != state.layer_names:
-      raise ValueError(
-        f"{name}: the updates' layers {list(groups.names)} differ from those the state was "
-        f"initialised with {list(state.layer_names)}; call init on a tree shaped like the updates."
-      )
-    measured = where.measure(updates)
-    context = Context(count=state.count, params=params, groups=groups)
+    measured = where.measure(updates, axis_names)
+    total_norm = norms.safe_sqrt(measured.total_squares)
+    context = Context(
+      count=state.count, params=params, groups=groups, axis_names=axis_names, norm=total_norm
+    )
     limit, policy_state = policy(measured.norms, state.policy_state, context)
-    clipped, summary = where.clip(updates, measured, limit)
+    _check_threshold_shapes(policy, limit, measured.norms)
+    # A negative threshold (a schedule, an injected hyperparameter) clips to 0, never flips signs.
+    limit = jax.tree.map(lambda c: jnp.where(c < 0, 0.0, jnp.asarray(c, jnp.float32)), limit)
+    clipped, summary = where.clip(updates, measured, limit, axis_names)
     # A non-finite norm must not enter a policy's history, mean or tracker: keep the old state.
     finite = jnp.isfinite(measured.total_squares)
     policy_state = jax.tree.map(
@@ -175,13 +275,18 @@ def clip_norm(
     )
     new_state = state._replace(
       count=optax.safe_increment(state.count),
-      norm=norms.safe_sqrt(measured.total_squares),
+      norm=total_norm,
       clipped_norm=summary.clipped_norm,
-      threshold=summary.threshold,
+      threshold=(
+        jnp.broadcast_to(limit, state.threshold.shape)
+        if is_scalar(limit)
+        else where.summarize(limit, axis_names)
+      ),
       clipped_fraction=summary.clipped_fraction,
-      layer_norms=summary.layer_norms if state.layer_names else (),
+      layer_norms=measured.norms if state.layer_names else (),
       policy_state=policy_state,
+      policy_stats=summaries(policy_state, axis_names),
     )
-    return clipped, new_state
+    return clipped, keep_dtypes(new_state, state)
 
   return optax.GradientTransformation(init_fn, update_fn)

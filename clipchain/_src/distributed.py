@@ -29,12 +29,36 @@ def as_axis_names(axis_name: AxisName) -> tuple[str, ...]:
   """``"dp"`` or ``("dp", "mp")`` as a tuple of names; ``None`` as ``()``. Raises on bad input."""
   if axis_name is None:
     return ()
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  if not names or not all(isinstance(n, str) and n for n in names):
+  if isinstance(axis_name, str):
+    names = (axis_name,)
+  elif isinstance(axis_name, Sequence) and all(isinstance(n, str) for n in axis_name):
+    names = tuple(axis_name)
+  else:
+    raise TypeError(
+      f"axis_name must be a mesh axis name (str), a sequence of them, or None; got {axis_name!r} "
+      f"of type {type(axis_name).__name__}."
+    )
+  if not names or not all(names) or len(set(names)) != len(names):
     raise ValueError(
-      f"axis_name must be a mesh axis name or a non-empty sequence of them; got {axis_name!r}."
+      f"axis_name must be a mesh axis name or a non-empty sequence of distinct names; got "
+      f"{axis_name!r}."
     )
   return names
+
+
+def check_bound(axis_names: tuple[str, ...], owner: str) -> None:
+  """Raises ``ValueError`` at trace time unless every name is an axis of the surrounding
+  ``shard_map`` or ``pmap``: an unknown name would otherwise be skipped as an axis along which
+  nothing varies, and the norms would silently be local."""
+  for name in axis_names:
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+        f"{owner}: axis_name {name!r} is not an axis of the surrounding shard_map or pmap (or the "
+        "transform is not called inside one). Name the mesh axes the gradients are split over, or "
+        "pass axis_name=None under jit with sharded arrays."
+      ) from None
 
 
 def _tracks_varying_axes() -> bool:
@@ -52,6 +76,17 @@ def varying_axes(x: jax.Array, axis_names: tuple[str, ...]) -> tuple[str, ...]:
   if vma is None:
     vma = aval.manual_axis_type.varying
   return tuple(a for a in axis_names if a in vma)
+
+
+def varying_axes_of(x: jax.Array) -> tuple[str, ...]:
+  """Every mesh axis along which ``x`` differs between devices where JAX tracks it, else ``()``."""
+  if not _tracks_varying_axes():
+    return ()
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = aval.manual_axis_type.varying
+  return tuple(sorted(vma))
 
 
 def sum_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> list:

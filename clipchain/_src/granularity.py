@@ -1,50 +1,59 @@
-"""Granularity: where a norm is measured, and how a threshold is applied there.
+"""Granularity: where a norm is measured, how a threshold is applied there, and how statistics of
+many groups are summarised.
 
-Four granularities, each a small class with the same three steps:
-
-``groups(tree)``
-  the static structure of the norms (from shapes only), given to a threshold policy at ``init``;
-``measure(tree)``
-  the norms, summed in float32, plus the tree's total sum of squares for statistics;
-``clip(tree, measured, threshold)``
-  the clipped tree and a :class:`Summary` of what happened.
+A granularity owns the shape of everything that is per group. It turns a tree into *norms*, a pytree
+with one entry per group, and every threshold policy works elementwise over that pytree
+(``jax.tree.map``) without knowing which granularity produced it:
 
 =============  ======================================  =====================================
-granularity    one norm per                            norms given to the policy
+granularity    one norm per                            the norms pytree
 =============  ======================================  =====================================
-``global``     the whole tree                          a scalar
-``layer``      leaf, or group of leaves (a module...)  a vector, one entry per layer
-``unit``       output unit of each leaf (AGC)          per leaf, the leaf's shape with the
+``Global``     the whole tree                          a scalar
+``Layer``      leaf, or group of leaves (a module...)  a vector, one entry per layer (named)
+``Unit``       output unit of each leaf (AGC)          per leaf, the leaf's shape with the
                                                        reduced axes kept as size 1
-``element``    value                                   per leaf, ``|g|`` elementwise
+``Element``    value                                   per leaf, ``|g|`` elementwise
 =============  ======================================  =====================================
 
-Norm-based granularities multiply each group by ``min(1, c / norm)``; the element granularity clips
-values to ``[-c, c]``, which is the same thing per value, computed exactly.
+A granularity implements four steps (all static in the tree's structure except ``measure`` and
+``clip``, which see values); the mesh axes to sum across are passed in, never stored:
+
+``groups(tree) -> Groups``
+  the layer names and the shapes of the norms, given to a policy's ``init``;
+``measure(tree, axis_names) -> Measured``
+  the norms, summed in float32, and the squares they came from;
+``clip(tree, measured, threshold, axis_names) -> (clipped tree, Summary)``
+  each group scaled by ``min(1, c / norm)``, and what that did;
+``summarize(values, axis_names) -> jax.Array``
+  a per-group pytree (a threshold, a policy's estimate) as one statistic: itself for a scalar,
+  one entry per layer for named groups, else the mean over groups and devices.
+
+:class:`Slices` does all four for granularities with one norm per slice of each leaf; a subclass
+says only which axes a slice spans (``reduce_axes``), as :class:`Unit` does.
 """
 
 from __future__ import annotations
 
 import abc
-import copy
+import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from clipchain._src import distributed, norms
 from clipchain._src import layers as layers_lib
-from clipchain._src.validation import check_choice
+from clipchain._src.validation import check_choice, check_int
 
 
 class Groups(NamedTuple):
-  """Static description of the norms a granularity produces for a given tree.
+  """The static structure of the norms a granularity produces for one tree.
 
   Attributes:
     granularity: the granularity that produced it.
-    names: the layer names (``layer`` granularity), else ``()``.
-    norms: a ``jax.ShapeDtypeStruct`` tree shaped like the norms the policy receives.
+    names: the group names when the granularity names its groups (``Layer``), else ``()``.
+    norms: a pytree of ``jax.ShapeDtypeStruct`` (float32) shaped like the norms a policy receives.
   """
 
   granularity: Granularity
@@ -53,7 +62,15 @@ class Groups(NamedTuple):
 
 
 class Measured(NamedTuple):
-  """What ``measure`` returns: the policy's input and the squares it came from."""
+  """What ``measure`` returns.
+
+  Attributes:
+    norms: the norm of each group, a pytree shaped as ``Groups.norms`` (float32, float64 for
+      float64 input).
+    squares: each group's sum of squares, shaped like ``norms``; ``None`` where it would be as large
+      as the tree (``Element``).
+    total_squares: the whole tree's sum of squares (a scalar), across devices.
+  """
 
   norms: Any
   squares: Any
@@ -61,94 +78,99 @@ class Measured(NamedTuple):
 
 
 class Summary(NamedTuple):
-  """What one clip did, as float32 arrays of fixed shape."""
+  """What ``clip`` did, as float32 scalars the same on every device.
+
+  Attributes:
+    clipped_norm: the L2 norm of the whole tree after clipping.
+    clipped_fraction: the fraction of groups that were scaled down.
+  """
 
   clipped_norm: jax.Array
   clipped_fraction: jax.Array
-  threshold: jax.Array
-  layer_norms: jax.Array
 
 
-def _struct(x) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32)
+def is_scalar(values) -> bool:
+  """Whether ``values`` is one scalar (a threshold shared by every group) rather than a pytree."""
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(values)) and jnp.ndim(values) == 0
 
 
-def _fraction(over_count: jax.Array, total: int) -> jax.Array:
-  return over_count.astype(jnp.float32) / max(total, 1)
+def broadcast_like(values, like):
+  """``values`` as float32 arrays shaped like the pytree ``like``: a scalar is repeated, a pytree
+  (or array) shaped like ``like`` is kept."""
+  if is_scalar(values):
+    value = jnp.asarray(values, jnp.float32)
+    return jax.tree.map(lambda n: jnp.broadcast_to(value, jnp.shape(n)), like)
+  return jax.tree.map(
+    lambda v, n: jnp.broadcast_to(jnp.asarray(v, jnp.float32), n.shape), values, like
+  )
 
 
+def _fraction(over_count: jax.Array, total) -> jax.Array:
+  return over_count.astype(jnp.float32) / jnp.maximum(jnp.asarray(total, jnp.float32), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Granularity(abc.ABC):
-  """Where a norm is measured. Subclasses: :class:`Global`, :class:`Layer`, :class:`Unit`,
-  :class:`Element`."""
+  """Where a norm is measured. Subclass it (or :class:`Slices`) to write a new granularity.
 
-  name: ClassVar[str]
-  # Mesh axes the norms are summed across (see clipchain/_src/distributed.py); set by ``across``.
-  axis_names: tuple[str, ...] = ()
+  The class attributes say what a policy may rely on:
 
-  def across(self, axis_name: distributed.AxisName) -> Granularity:
-    """This granularity with norms summed across the devices of ``axis_name`` (a copy)."""
-    bound = copy.copy(self)
-    bound.axis_names = distributed.as_axis_names(axis_name)
-    return bound
+  Attributes:
+    one_group_per_value: each group is a single value, whose norm is ``|g|`` (``Element``).
+    groups_grow_with_size: the number of groups grows with the size of the leaves (``Unit``,
+      ``Element``), so a policy that keeps a long history per group would cost that many times the
+      parameters.
+    named_groups: the groups have names (``Layer``): ``Groups.names`` lists them, per-group
+      statistics are reported per name and thresholds may be given per name.
+  """
 
-  def _sum_each(self, values: list, leaves: list) -> list:
-    return distributed.sum_across(values, leaves, self.axis_names)
-
-  def _total(self, values: list, leaves: list) -> jax.Array:
-    return distributed.total_across(values, leaves, self.axis_names)
-
-  def _mean_threshold(self, threshold) -> jax.Array:
-    """Summarises per-group thresholds (a tree) as their mean over the groups of every device, a
-    single threshold as itself."""
-    leaves = [jnp.asarray(t, jnp.float32) for t in jax.tree.leaves(threshold)]
-    if len(leaves) == 1 and leaves[0].ndim == 0:
-      return leaves[0]
-    count = sum(distributed.global_size(leaf, self.axis_names) for leaf in leaves)
-    return self._total([jnp.sum(leaf) for leaf in leaves], leaves) / max(count, 1)
+  one_group_per_value: ClassVar[bool] = False
+  groups_grow_with_size: ClassVar[bool] = False
+  named_groups: ClassVar[bool] = False
 
   @abc.abstractmethod
   def groups(self, tree) -> Groups:
-    """The static structure of the norms of ``tree``."""
+    """The static structure of the norms of ``tree`` (from shapes only)."""
 
   @abc.abstractmethod
-  def measure(self, tree) -> Measured:
-    """The norms of ``tree`` at this granularity, accumulated in float32."""
+  def measure(self, tree, axis_names: tuple[str, ...] = ()) -> Measured:
+    """The norms of ``tree``, accumulated in float32, summed across ``axis_names``."""
 
   @abc.abstractmethod
-  def clip(self, tree, measured: Measured, threshold) -> tuple[Any, Summary]:
-    """Clips ``tree`` to ``threshold`` (broadcastable to the norms) and summarises."""
+  def clip(self, tree, measured: Measured, threshold, axis_names: tuple[str, ...] = ()):
+    """``(clipped tree, Summary)``: each group scaled by ``min(1, c / norm)``; ``threshold`` is a
+    scalar or a pytree shaped like ``measured.norms``, >= 0."""
 
-  def __repr__(self) -> str:
-    return f"{type(self).__name__}()"
+  @abc.abstractmethod
+  def summarize(self, values, axis_names: tuple[str, ...] = ()) -> jax.Array:
+    """A scalar, or a pytree shaped like the norms, as one float32 statistic (the same on every
+    device)."""
 
 
+@dataclasses.dataclass(frozen=True)
 class Global(Granularity):
   """One L2 norm over every leaf of the tree (``optax.clip_by_global_norm``)."""
-
-  name = "global"
 
   def groups(self, tree) -> Groups:
     return Groups(self, (), jax.ShapeDtypeStruct((), jnp.float32))
 
-  def measure(self, tree) -> Measured:
+  def measure(self, tree, axis_names=()) -> Measured:
     leaves = jax.tree.leaves(tree)
-    total = self._total([norms.sum_of_squares(x) for x in leaves], leaves)
+    total = distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
     return Measured(norms.safe_sqrt(total), total, total)
 
-  def clip(self, tree, measured, threshold):
+  def clip(self, tree, measured, threshold, axis_names=()):
     threshold = jnp.asarray(threshold, jnp.float32)
     factor = norms.clip_scale(measured.norms, threshold)
     clipped = jax.tree.map(lambda x: norms.scale(x, factor), tree)
     over = norms.exceeds(measured.norms, threshold)
-    summary = Summary(
-      clipped_norm=factor * measured.norms,
-      clipped_fraction=over.astype(jnp.float32),
-      threshold=threshold,
-      layer_norms=jnp.zeros((0,), jnp.float32),
-    )
-    return clipped, summary
+    return clipped, Summary(factor * measured.norms, over.astype(jnp.float32))
+
+  def summarize(self, values, axis_names=()) -> jax.Array:
+    return jnp.asarray(values, jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
 class Layer(Granularity):
   """One norm per layer: per leaf by default, or per group of leaves.
 
@@ -157,19 +179,18 @@ class Layer(Granularity):
       under one parent node, e.g. a Flax module's kernel and bias), a mapping ``{name: regex}``
       (leaves whose path matches the regex, first match wins), or a callable
       ``(path: str, leaf) -> name``.
-    measure: ``"l2"`` (the L2 norm) or ``"rms"`` (the root mean square, as Adafactor's and
+    norm: ``"l2"`` (the L2 norm) or ``"rms"`` (the root mean square, as Adafactor's and
       ``optax.clip_by_block_rms``'s update clipping).
   """
 
-  name = "layer"
+  named_groups: ClassVar[bool] = True
 
-  def __init__(self, layers: layers_lib.LayersSpec = None, *, measure: str = "l2"):
-    self.layers = layers_lib.validate_layers(layers)
-    check_choice("measure", measure, ("l2", "rms"))
-    self.measure_kind = measure
+  layers: layers_lib.LayersSpec = None
+  norm: Literal["l2", "rms"] = "l2"
 
-  def __repr__(self) -> str:
-    return f"Layer(layers={self.layers!r}, measure={self.measure_kind!r})"
+  def __post_init__(self):
+    object.__setattr__(self, "layers", layers_lib.validate_layers(self.layers))
+    check_choice("norm", self.norm, ("l2", "rms"))
 
   def _grouping(self, tree) -> layers_lib.Grouping:
     return layers_lib.resolve(self.layers, tree)
@@ -178,30 +199,27 @@ class Layer(Granularity):
     names = self._grouping(tree).names
     return Groups(self, names, jax.ShapeDtypeStruct((len(names),), jnp.float32))
 
-  def measure(self, tree) -> Measured:
+  def measure(self, tree, axis_names=()) -> Measured:
     grouping = self._grouping(tree)
     leaves = jax.tree.leaves(tree)
-    leaf_squares = self._sum_each([norms.sum_of_squares(x) for x in leaves], leaves)
-    members: list[list[int]] = [[] for _ in grouping.names]
-    for i, layer in enumerate(grouping.leaf_layer):
-      members[layer].append(i)
+    leaf_squares = distributed.sum_across(
+      [norms.sum_of_squares(x) for x in leaves], leaves, axis_names
+    )
+    members = grouping.members()
+    if not members:
+      empty = jnp.zeros((0,), jnp.float32)
+      return Measured(empty, empty, jnp.zeros((), jnp.float32))
     layer_squares = jnp.stack([norms.total([leaf_squares[i] for i in m]) for m in members])
-    if self.measure_kind == "rms":
-      sizes = jnp.array(
-        [
-          max(sum(distributed.global_size(leaves[i], self.axis_names) for i in m), 1)
-          for m in members
-        ],
-        jnp.float32,
-      )
-      layer_norms = norms.safe_sqrt(layer_squares / sizes)
+    if self.norm == "rms":
+      sizes = [sum(distributed.global_size(leaves[i], axis_names) for i in m) for m in members]
+      layer_norms = norms.safe_sqrt(layer_squares / jnp.array([max(s, 1) for s in sizes]))
     else:
       layer_norms = norms.safe_sqrt(layer_squares)
     return Measured(layer_norms, layer_squares, jnp.sum(layer_squares))
 
-  def clip(self, tree, measured, threshold):
+  def clip(self, tree, measured, threshold, axis_names=()):
     grouping = self._grouping(tree)
-    threshold = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), measured.norms.shape)
+    threshold = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), jnp.shape(measured.norms))
     factors = norms.clip_scale(measured.norms, threshold)
     leaves, treedef = jax.tree.flatten(tree)
     clipped = [norms.scale(x, factors[layer]) for x, layer in zip(leaves, grouping.leaf_layer)]
@@ -209,22 +227,113 @@ class Layer(Granularity):
     summary = Summary(
       clipped_norm=norms.safe_sqrt(jnp.sum(factors * factors * measured.squares)),
       clipped_fraction=_fraction(jnp.sum(over), len(grouping.names)),
-      threshold=threshold,
-      layer_norms=measured.norms,
     )
     return jax.tree.unflatten(treedef, clipped), summary
+
+  def summarize(self, values, axis_names=()) -> jax.Array:
+    # One entry per layer; the layers' norms are already summed across devices.
+    leaves = jax.tree.leaves(values)
+    return jnp.asarray(leaves[0], jnp.float32) if leaves else jnp.zeros((0,), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slices(Granularity):
+  """One norm per slice of each leaf: the base of :class:`Unit` and :class:`Element`.
+
+  A subclass says which axes of a leaf one slice spans (:meth:`reduce_axes`); measuring, clipping
+  and summarising are then done here: each leaf's norms have the leaf's shape with those axes kept
+  as size 1, and a summary is the mean over every slice of every leaf, across devices.
+  """
+
+  groups_grow_with_size: ClassVar[bool] = True
+  # Whether per-slice arrays stay split over devices like their leaves (one value per slice), or
+  # are whole on every device because each slice's squares were summed across them (a unit).
+  slices_split_like_leaves: ClassVar[bool] = False
+
+  @abc.abstractmethod
+  def reduce_axes(self, shape: tuple[int, ...], path: str, *, split: bool = False):
+    """The axes of a leaf of ``shape`` (at ``path``) that one slice spans, as non-negative ints.
+
+    ``split``: the leaf is a shard of a leaf split across devices (inside ``shard_map``).
+    """
+
+  def _axes(self, tree, axis_names=()) -> list[tuple[int, ...]]:
+    return [
+      self.reduce_axes(
+        jnp.shape(x),
+        layers_lib.path_str(p),
+        split=bool(axis_names and distributed.varying_axes(x, axis_names)),
+      )
+      for p, x in layers_lib.flatten_with_path(tree)
+    ]
+
+  def groups(self, tree) -> Groups:
+    shapes = [
+      jax.ShapeDtypeStruct(
+        tuple(1 if i in axes else d for i, d in enumerate(jnp.shape(x))), jnp.float32
+      )
+      for x, axes in zip(jax.tree.leaves(tree), self._axes(tree))
+    ]
+    return Groups(self, (), jax.tree.unflatten(jax.tree.structure(tree), shapes))
+
+  def measure(self, tree, axis_names=()) -> Measured:
+    leaves, treedef = jax.tree.flatten(tree)
+    squares = [
+      norms.sum_of_squares(x, axis=axes, keepdims=True)
+      for x, axes in zip(leaves, self._axes(tree, axis_names))
+    ]
+    # Summed across the devices a leaf is split over: a slice split over devices (FSDP over the
+    # input dimension of a unit) is measured whole.
+    squares = distributed.sum_across(squares, leaves, axis_names)
+    total = norms.total([jnp.sum(s) for s in squares])
+    unit_norms = [norms.safe_sqrt(s) for s in squares]
+    return Measured(
+      jax.tree.unflatten(treedef, unit_norms), jax.tree.unflatten(treedef, squares), total
+    )
+
+  def clip(self, tree, measured, threshold, axis_names=()):
+    threshold = broadcast_like(threshold, measured.norms)
+    factors = jax.tree.map(norms.clip_scale, measured.norms, threshold)
+    clipped = jax.tree.map(norms.scale, tree, factors)
+    over = jax.tree.map(norms.exceeds, measured.norms, threshold)
+    clipped_squares = jax.tree.map(lambda f, s: f * f * s, factors, measured.squares)
+    summary = Summary(
+      clipped_norm=norms.safe_sqrt(self._sum(clipped_squares, axis_names)),
+      clipped_fraction=_fraction(self._sum(over, axis_names), self._count(over, axis_names)),
+    )
+    return clipped, summary
+
+  def summarize(self, values, axis_names=()) -> jax.Array:
+    if is_scalar(values):
+      return jnp.asarray(values, jnp.float32)
+    return self._sum(values, axis_names) / jnp.maximum(self._count(values, axis_names), 1.0)
+
+  def _sum(self, tree, axis_names) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    sums = [jnp.sum(x, dtype=jnp.float32) for x in leaves]
+    if self.slices_split_like_leaves:
+      return distributed.total_across(sums, leaves, axis_names)
+    return norms.total(sums)
+
+  def _count(self, tree, axis_names) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if self.slices_split_like_leaves:
+      return jnp.asarray(sum(distributed.global_size(x, axis_names) for x in leaves), jnp.float32)
+    return jnp.asarray(sum(x.size for x in leaves), jnp.float32)
 
 
 _FLAX_UNIT_AXES = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}
 
 
-class Unit(Granularity):
+@dataclasses.dataclass(frozen=True)
+class Unit(Slices):
   """One norm per output unit of each leaf (the granularity of AGC).
 
   A unit is the slice of a weight that feeds one output: all axes but the output axis are reduced.
 
   Args:
-    axis: the axes to reduce, for every leaf; overrides ``layout``.
+    axis: the axes to reduce, for every leaf; overrides ``layout``. Negative axes count from the
+      end; an axis out of range for a leaf is an error.
     layout: ``"flax"`` for ``(..., in, out)`` kernels (Flax, Haiku): scalars and vectors are one
       unit, rank 2 and 3 reduce axis 0, rank 4 (HWIO) axes 0-2, rank 5 axes 0-3, as
       ``optax.adaptive_grad_clip``; ``"torch"`` for ``(out, in, ...)`` weights (PyTorch ports,
@@ -233,33 +342,30 @@ class Unit(Granularity):
       so each layer of a stack is clipped on its own, and the layout applies to the rest.
   """
 
-  name = "unit"
+  axis: int | Sequence[int] | None = None
+  layout: Literal["flax", "torch"] = "flax"
+  stacked_axes: int | None = 0
 
-  def __init__(
-    self, axis: int | Sequence[int] | None = None, *, layout: str = "flax", stacked_axes: int = 0
-  ):
-    check_choice("layout", layout, ("flax", "torch"))
-    if isinstance(stacked_axes, bool) or not isinstance(stacked_axes, int) or stacked_axes < 0:
-      raise ValueError(f"stacked_axes must be an integer >= 0; got {stacked_axes!r}.")
-    if axis is not None:
-      axes = (axis,) if isinstance(axis, int) else tuple(axis)
-      if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-        raise ValueError(f"axis must be an int, a sequence of ints or None; got {axis!r}.")
-      axis = axes
-    self.axis = axis
-    self.layout = layout
-    self.stacked_axes = stacked_axes
-
-  def __repr__(self) -> str:
-    return f"Unit(axis={self.axis!r}, layout={self.layout!r}, stacked_axes={self.stacked_axes})"
-
-  def reduce_axes(
-    self, shape: tuple[int, ...], path: str = "", *, split: bool = False
-  ) -> tuple[int, ...]:
-    """The axes of a leaf of ``shape`` that one unit spans; ``split``: ``shape`` is a shard of a
-    leaf split across devices."""
+  def __post_init__(self):
+    check_choice("layout", self.layout, ("flax", "torch"))
+    stacked = 0 if self.stacked_axes is None else self.stacked_axes
+    check_int("stacked_axes", stacked, minimum=0, static=True)
+    object.__setattr__(self, "stacked_axes", int(stacked))
     if self.axis is not None:
-      return tuple(a % len(shape) for a in self.axis) if shape else ()
+      axes = (self.axis,) if not isinstance(self.axis, Sequence) else tuple(self.axis)
+      for a in axes:
+        check_int("axis", a, static=True)
+      object.__setattr__(self, "axis", tuple(int(a) for a in axes))
+
+  def reduce_axes(self, shape, path="", *, split=False):
+    if self.axis is not None:
+      for a in self.axis:
+        if not -len(shape) <= a < len(shape):
+          raise ValueError(
+            f"axis={self.axis} is out of range for leaf {path!r} of shape {shape} (rank "
+            f"{len(shape)}); pass axes that every leaf has, or mask the leaves that differ."
+          )
+      return tuple(sorted({a % len(shape) for a in self.axis}))
     k = self.stacked_axes
     if len(shape) < k:
       raise ValueError(f"leaf {path!r} of shape {shape} has fewer axes than stacked_axes={k}.")
@@ -287,129 +393,72 @@ class Unit(Granularity):
       )
     return tuple(a + k for a in axes)
 
-  def _axes(self, tree) -> list[tuple[int, ...]]:
-    return [
-      self.reduce_axes(
-        jnp.shape(x),
-        layers_lib.path_str(p),
-        split=bool(distributed.varying_axes(x, self.axis_names)),
-      )
-      for p, x in layers_lib.flatten_with_path(tree)
-    ]
 
-  def groups(self, tree) -> Groups:
-    shapes = [
-      jax.ShapeDtypeStruct(
-        tuple(1 if i in axes else d for i, d in enumerate(jnp.shape(x))), jnp.float32
-      )
-      for x, axes in zip(jax.tree.leaves(tree), self._axes(tree))
-    ]
-    return Groups(self, (), jax.tree.unflatten(jax.tree.structure(tree), shapes))
+@dataclasses.dataclass(frozen=True)
+class Element(Slices):
+  """Every value on its own: ``g`` is clipped to ``[-c, c]`` (``optax.clip``).
 
-  def measure(self, tree) -> Measured:
-    leaves, treedef = jax.tree.flatten(tree)
-    squares = [
-      norms.sum_of_squares(x, axis=axes, keepdims=True) for x, axes in zip(leaves, self._axes(tree))
-    ]
-    # Summed across devices where a leaf is split along the axes a unit spans (FSDP over the input
-    # dimension); a leaf split along its output axis holds whole units and must not be sharded
-    # along a named axis here.
-    squares = self._sum_each(squares, leaves)
-    total = norms.total([jnp.sum(s) for s in squares])
-    unit_norms = [norms.safe_sqrt(s) for s in squares]
-    return Measured(
-      jax.tree.unflatten(treedef, unit_norms), jax.tree.unflatten(treedef, squares), total
-    )
+  A complex value keeps its phase: its modulus is clipped to ``c``.
+  """
 
-  def clip(self, tree, measured, threshold):
-    mean_threshold = self._mean_threshold(threshold)
-    threshold = _broadcast_like(threshold, measured.norms)
-    factors = jax.tree.map(norms.clip_scale, measured.norms, threshold)
-    clipped = jax.tree.map(norms.scale, tree, factors)
-    over = jax.tree.map(norms.exceeds, measured.norms, threshold)
-    unit_count = sum(f.size for f in jax.tree.leaves(factors))
-    summary = Summary(
-      clipped_norm=norms.safe_sqrt(
-        norms.total(
-          [
-            jnp.sum(f * f * s)
-            for f, s in zip(jax.tree.leaves(factors), jax.tree.leaves(measured.squares))
-          ]
-        )
-      ),
-      clipped_fraction=_fraction(
-        norms.total([jnp.sum(o) for o in jax.tree.leaves(over)]), unit_count
-      ),
-      threshold=mean_threshold,
-      layer_norms=jnp.zeros((0,), jnp.float32),
-    )
-    return clipped, summary
+  one_group_per_value: ClassVar[bool] = True
+  slices_split_like_leaves: ClassVar[bool] = True
 
+  def reduce_axes(self, shape, path="", *, split=False):
+    return ()
 
-class Element(Granularity):
-  """Every value on its own: ``g`` is clipped to ``[-c, c]`` (``optax.clip``)."""
-
-  name = "element"
-
-  def groups(self, tree) -> Groups:
-    return Groups(self, (), jax.tree.map(_struct, tree))
-
-  def measure(self, tree) -> Measured:
+  def measure(self, tree, axis_names=()) -> Measured:
+    # |g| per value; no per-value squares (they would be a second gradient-sized array).
     magnitudes = jax.tree.map(lambda x: jnp.abs(x).astype(norms.accumulation_dtype(x.dtype)), tree)
     leaves = jax.tree.leaves(tree)
-    total = self._total([norms.sum_of_squares(x) for x in leaves], leaves)
+    total = distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
     return Measured(magnitudes, None, total)
 
-  def clip(self, tree, measured, threshold):
-    # Per-value thresholds of a leaf split over devices differ between them: averaged across.
-    mean_threshold = self._mean_threshold(threshold)
-    threshold = _broadcast_like(threshold, tree)
+  def clip(self, tree, measured, threshold, axis_names=()):
+    threshold = broadcast_like(threshold, measured.norms)
 
-    def clip_leaf(x, c):
+    def clip_leaf(x, magnitude, c):
       acc = norms.accumulation_dtype(x.dtype)
+      if jnp.iscomplexobj(x):
+        return norms.scale(x, norms.clip_scale(magnitude, c))
       c = c.astype(acc)
       return jnp.clip(x.astype(acc), -c, c).astype(norms.output_dtype(x.dtype))
 
-    clipped = jax.tree.map(clip_leaf, tree, threshold)
-    leaves = jax.tree.leaves(tree)
-    size = sum(distributed.global_size(x, self.axis_names) for x in leaves)
-    over = self._total(
-      [
-        jnp.sum(norms.exceeds(m, c), dtype=jnp.float32)
-        for m, c in zip(jax.tree.leaves(measured.norms), jax.tree.leaves(threshold))
-      ],
-      leaves,
-    )
-    clipped_squares = self._total(
-      [norms.sum_of_squares(x) for x in jax.tree.leaves(clipped)], leaves
+    clipped = jax.tree.map(clip_leaf, tree, measured.norms, threshold)
+    over = jax.tree.map(norms.exceeds, measured.norms, threshold)
+    leaves = jax.tree.leaves(clipped)
+    clipped_squares = distributed.total_across(
+      [norms.sum_of_squares(x) for x in leaves], leaves, axis_names
     )
     summary = Summary(
       clipped_norm=norms.safe_sqrt(clipped_squares),
-      clipped_fraction=_fraction(over, size),
-      threshold=mean_threshold,
-      layer_norms=jnp.zeros((0,), jnp.float32),
+      clipped_fraction=_fraction(self._sum(over, axis_names), self._count(over, axis_names)),
     )
     return clipped, summary
 
 
-def _broadcast_like(threshold, tree):
-  """A single threshold as a tree of it shaped like ``tree``; a tree of thresholds as is."""
-  if jax.tree_util.treedef_is_leaf(jax.tree.structure(threshold)):
-    value = jnp.asarray(threshold, jnp.float32)
-    return jax.tree.map(lambda _: value, tree)
-  return jax.tree.map(lambda t: jnp.asarray(t, jnp.float32), threshold)
+GRANULARITIES: dict[str, type[Granularity]] = {
+  "global": Global,
+  "layer": Layer,
+  "unit": Unit,
+  "element": Element,
+}
+
+GranularityLike = Literal["global", "layer", "unit", "element"] | Granularity
 
 
-GRANULARITIES = {cls.name: cls for cls in (Global, Layer, Unit, Element)}
-
-
-def as_granularity(granularity: str | Granularity) -> Granularity:
+def as_granularity(granularity: GranularityLike) -> Granularity:
   """``"global"``, ``"layer"``, ``"unit"`` or ``"element"`` (with defaults), or a granularity."""
   if isinstance(granularity, Granularity):
     return granularity
-  if isinstance(granularity, str) and granularity in GRANULARITIES:
-    return GRANULARITIES[granularity]()
-  raise ValueError(
-    f"granularity must be one of {sorted(GRANULARITIES)} or a clipchain.granularity object; "
-    f"got {granularity!r}."
+  if isinstance(granularity, str):
+    if granularity in GRANULARITIES:
+      return GRANULARITIES[granularity]()
+    raise ValueError(
+      f"granularity must be one of {sorted(GRANULARITIES)} or a clipchain.granularity object; "
+      f"got {granularity!r}."
+    )
+  raise TypeError(
+    f"granularity must be a str ({sorted(GRANULARITIES)}) or a clipchain.granularity.Granularity; "
+    f"got {granularity!r} of type {type(granularity).__name__}."
   )

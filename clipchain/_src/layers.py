@@ -83,7 +83,7 @@ def validate_layers(layers: LayersSpec) -> LayersSpec:
       raise ValueError("layers must not be an empty mapping; got {}.")
     for name, pattern in layers.items():
       if not isinstance(name, str) or not isinstance(pattern, str):
-        raise ValueError(
+        raise TypeError(
           f"layers must map layer names (str) to regular expressions (str); got {name!r}: "
           f"{pattern!r}."
         )
@@ -94,7 +94,7 @@ def validate_layers(layers: LayersSpec) -> LayersSpec:
           f"layers[{name!r}] is not a valid regular expression: {pattern!r} ({e})."
         ) from None
     return dict(layers)
-  raise ValueError(
+  raise TypeError(
     f"layers must be None, one of {list(_BY_NAME)}, a mapping of layer name to regex, or a "
     f"callable (path, leaf) -> name; got {layers!r}."
   )
@@ -110,15 +110,23 @@ class Grouping(NamedTuple):
   def is_per_leaf(self) -> bool:
     return self.leaf_layer == tuple(range(len(self.leaf_layer)))
 
+  def members(self) -> list[list[int]]:
+    """For each layer, the indices of its leaves."""
+    out: list[list[int]] = [[] for _ in self.names]
+    for leaf, layer in enumerate(self.leaf_layer):
+      out[layer].append(leaf)
+    return out
+
 
 def resolve(layers: LayersSpec, tree) -> Grouping:
   """Assigns each leaf of ``tree`` to a layer, from the tree's structure alone."""
   flat = flatten_with_path(tree)
   paths = [path_str(p) for p, _ in flat]
   if layers is None or layers == "leaf":
-    keys = paths
+    keys = _unambiguous(paths, [p for p, _ in flat], "leaves")
   elif layers == "module":
-    keys = [path_str(p[:-1]) if len(p) > 1 else path_str(p) for p, _ in flat]
+    parents = [p[:-1] if len(p) > 1 else p for p, _ in flat]
+    keys = _unambiguous([path_str(p) for p in parents], parents, "modules")
   elif isinstance(layers, Mapping):
     keys = [_first_match(layers, path) for path in paths]
   else:
@@ -126,12 +134,28 @@ def resolve(layers: LayersSpec, tree) -> Grouping:
     for path, (_, leaf) in zip(paths, flat):
       key = layers(path, leaf)
       if not isinstance(key, str):
-        raise ValueError(f"layers callable must return a str layer name; got {key!r} for {path!r}.")
+        raise TypeError(f"layers callable must return a str layer name; got {key!r} for {path!r}.")
       keys.append(key)
   names: dict[str, int] = {}
   for key in keys:
     names.setdefault(key, len(names))
   return Grouping(tuple(names), tuple(names[k] for k in keys))
+
+
+def _unambiguous(keys: list[str], paths: list[tuple], what: str) -> list[str]:
+  """``keys``, after checking that distinct paths did not write to the same key (a dict key
+  ``"a/b"`` and the nested keys ``"a"``, ``"b"`` both read ``"a/b"``), which would merge two
+  layers into one."""
+  seen: dict[str, tuple] = {}
+  for key, path in zip(keys, paths):
+    other = seen.setdefault(key, path)
+    if other != path:
+      raise ValueError(
+        f"two {what} of the tree are both written {key!r} (key paths {jax.tree_util.keystr(other)}"
+        f" and {jax.tree_util.keystr(path)}), so they cannot be told apart as layers; rename a key "
+        "or group the leaves with a mapping or a callable (layers=...)."
+      )
+  return keys
 
 
 def _first_match(patterns: Mapping[str, str], path: str) -> str:

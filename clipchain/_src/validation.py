@@ -1,67 +1,119 @@
-"""Construction-time checks: bad hyperparameters fail early, naming the argument and the value."""
+"""Construction-time checks: bad hyperparameters fail early, naming the argument and the value.
+
+A value of the wrong type raises ``TypeError``; a value of the right type that is out of range
+raises ``ValueError``. ``optax.inject_hyperparams`` re-creates a transform inside the traced update
+with array hyperparameters: a traced value cannot be inspected, so only its shape and dtype are
+checked (its value was checked when ``init`` built the transform from the concrete one).
+"""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
 import numpy as np
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def is_concrete(value) -> bool:
-  """Whether ``value`` can be inspected in Python (not a tracer inside ``jit``).
-
-  ``optax.inject_hyperparams`` re-creates a transform inside the traced update with array
-  hyperparameters; those cannot be checked and are trusted as validated at ``init``.
-  """
+  """Whether ``value`` can be inspected in Python (not a tracer inside ``jit``)."""
   return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
 
 
-def check_non_negative(name: str, value, *, allow_inf: bool = False) -> None:
-  """Raises ``ValueError`` unless ``value`` is a real number (or array) >= 0 and not NaN."""
-  if not is_concrete(value):
-    return
-  try:
-    array = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a non-negative number; got {value!r}.") from None
-  bad = np.isnan(array) | (array < 0)
-  if not allow_inf:
-    bad |= np.isinf(array)
-  if np.any(bad):
-    kind = "a finite, non-negative" if not allow_inf else "a non-negative"
-    raise ValueError(f"{name} must be {kind} number; got {value!r}.")
+def _describe(value) -> str:
+  return f"{value!r} of type {type(value).__name__}"
 
 
-def check_in_range(
-  name: str, value, low: float, high: float, *, low_open=False, high_open=False
+def _is_array(value) -> bool:
+  return isinstance(value, (np.ndarray, np.generic, jax.Array))
+
+
+def check_number(
+  name: str,
+  value,
+  *,
+  low: float = -math.inf,
+  high: float = math.inf,
+  low_open: bool = False,
+  high_open: bool = False,
+  allow_inf: bool = False,
 ) -> None:
-  """Raises ``ValueError`` unless ``low <= value <= high`` (bounds optionally open)."""
+  """A real scalar (a Python number or a 0-d numeric array) in a range, not NaN, and finite unless
+  ``allow_inf`` (a finite value must also fit in float32, the dtype thresholds are kept in)."""
+  if isinstance(value, bool) or (_is_array(value) and np.dtype(value.dtype) == np.bool_):
+    raise TypeError(f"{name} must be a number, not a bool; got {value!r}.")
+  if _is_array(value):
+    if not np.issubdtype(value.dtype, np.integer) and not np.issubdtype(value.dtype, np.floating):
+      raise TypeError(f"{name} must be a real number; got an array of dtype {value.dtype}.")
+    if np.ndim(value) != 0:
+      raise ValueError(f"{name} must be a scalar; got an array of shape {np.shape(value)}.")
+  elif not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a number; got {_describe(value)}.")
   if not is_concrete(value):
     return
-  is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-  is_scalar_array = (
-    hasattr(value, "dtype") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.number)
-  )
-  if not (is_number or is_scalar_array):
-    raise ValueError(f"{name} must be a number; got {value!r}.")
   v = float(value)
+  if math.isnan(v):
+    raise ValueError(f"{name} must not be NaN; got {value!r}.")
+  if math.isinf(v) and not allow_inf:
+    raise ValueError(f"{name} must be finite; got {value!r}.")
+  if math.isfinite(v) and abs(v) > FLOAT32_MAX:
+    raise ValueError(f"{name} must fit in float32 (|x| <= {FLOAT32_MAX:.4g}); got {value!r}.")
   ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-  if not ok or np.isnan(v):
+  if not ok:
     left, right = "(" if low_open else "[", ")" if high_open else "]"
     raise ValueError(f"{name} must be in {left}{low}, {high}{right}; got {value!r}.")
 
 
-def check_positive_int(name: str, value, *, allow_zero: bool = False) -> None:
-  """Raises ``ValueError`` unless ``value`` is an integer > 0 (or >= 0)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an integer; got {value!r}.")
-  if value < 0 or (value == 0 and not allow_zero):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name} must be an integer {bound}; got {value!r}.")
+def check_non_negative(name: str, value, *, allow_inf: bool = False) -> None:
+  """A real scalar >= 0, finite unless ``allow_inf``."""
+  check_number(name, value, low=0.0, allow_inf=allow_inf)
+
+
+def check_int(name: str, value, *, minimum: int | None = None, static: bool = False) -> None:
+  """An integer (a Python int or a 0-d integer array) >= ``minimum``.
+
+  ``static``: the value sets a shape or an axis, so it must be known in Python; a traced value
+  (``inject_hyperparams``) is refused with the way out.
+  """
+  if isinstance(value, bool) or not (
+    isinstance(value, numbers.Integral)
+    or (_is_array(value) and np.issubdtype(value.dtype, np.integer) and np.ndim(value) == 0)
+  ):
+    raise TypeError(f"{name} must be an integer; got {_describe(value)}.")
+  if not is_concrete(value):
+    if static:
+      raise TypeError(
+        f"{name} sets a shape or an axis and must be a Python int, not a traced array; with "
+        f"optax.inject_hyperparams, pass static_args=({name!r},)."
+      )
+    return
+  if minimum is not None and int(value) < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+
+
+def check_bool(name: str, value) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool; got {_describe(value)}.")
 
 
 def check_choice(name: str, value, choices) -> None:
-  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+  """One of ``choices`` (strings)."""
+  if not isinstance(value, str):
+    raise TypeError(f"{name} must be one of {sorted(choices)}; got {_describe(value)}.")
   if value not in choices:
     raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}.")
+
+
+def check_name(value) -> None:
+  """A transform's ``name=``: a non-empty string."""
+  if not isinstance(value, str):
+    raise TypeError(f"name must be a str; got {_describe(value)}.")
+  if not value:
+    raise ValueError("name must be a non-empty str; got ''.")
+
+
+def check_callable(name: str, value, what: str) -> None:
+  if not callable(value):
+    raise TypeError(f"{name} must be callable ({what}); got {_describe(value)}.")

@@ -10,11 +10,12 @@ import optax
 
 from clipchain._src import distributed
 from clipchain._src import stats as stats_lib
+from clipchain._src.clip_norm import keep_dtypes
 from clipchain._src.guards import skipping
-from clipchain._src.validation import check_positive_int
+from clipchain._src.validation import check_int, check_name
 
 
-@stats_lib.register_state("name", "max_consecutive")
+@stats_lib.register_state("name", "max_consecutive", "axis_names")
 class SkipNonFiniteState(NamedTuple):
   """State of :func:`skip_nonfinite`.
 
@@ -29,6 +30,7 @@ class SkipNonFiniteState(NamedTuple):
       sticky); always False without a limit.
     name: the name under which :func:`clipchain.stats` reports (static).
     max_consecutive: the limit (static; -1 when there is none).
+    axis_names: the mesh axes the guard decides across (static).
   """
 
   inner_state: Any
@@ -39,6 +41,7 @@ class SkipNonFiniteState(NamedTuple):
   limit_exceeded: jax.Array
   name: str = "skip_nonfinite"
   max_consecutive: int = -1
+  axis_names: tuple[str, ...] = ()
 
   def input_norm(self) -> jax.Array:
     return self.grad_norm
@@ -101,25 +104,27 @@ def skip_nonfinite(
     1
   """
   if max_consecutive is not None:
-    check_positive_int("max_consecutive", max_consecutive, allow_zero=True)
-  inner = optax.with_extra_args_support(inner)
+    check_int("max_consecutive", max_consecutive, minimum=0, static=True)
+    max_consecutive = int(max_consecutive)
+  check_name(name)
+  inner = skipping.check_inner(inner)
   axis_names = distributed.as_axis_names(axis_name)
 
   def init_fn(params):
-    false = jnp.zeros((), jnp.bool_)
-    zero = jnp.zeros((), jnp.int32)
     return SkipNonFiniteState(
       inner_state=inner.init(params),
       grad_norm=jnp.zeros((), jnp.float32),
-      skipped=false,
-      total_skipped=zero,
-      consecutive_skipped=zero,
-      limit_exceeded=false,
+      skipped=jnp.zeros((), jnp.bool_),
+      total_skipped=jnp.zeros((), jnp.int32),
+      consecutive_skipped=jnp.zeros((), jnp.int32),
+      limit_exceeded=jnp.zeros((), jnp.bool_),
       name=name,
       max_consecutive=-1 if max_consecutive is None else max_consecutive,
+      axis_names=axis_names,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    distributed.check_bound(axis_names, name)
     new_updates, new_inner, norm = skipping.run_inner(
       inner, updates, state.inner_state, params, extra_args, axis_names
     )
@@ -127,6 +132,7 @@ def skip_nonfinite(
     loss = skipping.as_scalar_loss(extra_args.get("loss"), axis_names)
     if loss is not None:
       ok &= jnp.isfinite(loss)
+    skipping.check_same_decision(ok, name)
     consecutive = jnp.where(ok, 0, state.consecutive_skipped + 1)
     exceeded = state.limit_exceeded
     if max_consecutive is not None:
@@ -140,6 +146,10 @@ def skip_nonfinite(
       limit_exceeded=exceeded,
       name=state.name,
       max_consecutive=state.max_consecutive,
+      axis_names=state.axis_names,
+    )
+    new_state = new_state._replace(
+      **{f: keep_dtypes(getattr(new_state, f), getattr(state, f)) for f in new_state._fields[1:6]}
     )
     return skipping.select(ok, new_updates, skipping.skip_update(new_updates)), new_state
 

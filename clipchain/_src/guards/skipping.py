@@ -60,21 +60,22 @@ def select_state(keep_new: jax.Array, new, old):
   return jax.tree.map(pick, new, old, is_leaf=is_guard_state)
 
 
-def input_norm(inner_state) -> jax.Array | None:
+def input_norm(inner_state, axis_names: tuple[str, ...] = ()) -> jax.Array | None:
   """The pre-clip norm that a clip at the head of the inner chain measured on this step's input.
 
   Follows the first element of ``optax.chain`` states and the inner state of transparent wrappers
   (``inject_hyperparams``) down to a :class:`ClipNormState`, or to a nested guard, which recorded
   the norm it measured or reused; ``None`` when the input does not go through a clipchain clip
-  first (or the nested guard is a ``skip_spikes`` that does not watch the gradient norm), so the
-  caller must measure it itself.
+  first (or the nested guard is a ``skip_spikes`` that does not watch the gradient norm), or when
+  that norm was summed across other mesh axes than the guard's ``axis_names`` (reusing it would
+  let devices decide differently), so the caller must measure it itself.
   """
   node = inner_state
   while True:
-    if isinstance(node, ClipNormState):
-      return node.norm
-    if is_guard_state(node):
-      return node.input_norm()
+    if isinstance(node, ClipNormState) or is_guard_state(node):
+      if axis_names and node.axis_names != axis_names:
+        return None
+      return node.norm if isinstance(node, ClipNormState) else node.input_norm()
     if isinstance(node, TRANSPARENT_STATES):
       node = node.inner_state
     elif isinstance(node, tuple) and not hasattr(node, "_fields") and node:
@@ -104,10 +105,34 @@ def run_inner(
   A reused norm is global already when that clip was given the same ``axis_name``.
   """
   new_updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
-  norm = input_norm(new_inner)
+  norm = input_norm(new_inner, axis_names)
   if norm is None:
     norm = global_norm(updates, axis_names)
   return new_updates, new_inner, norm
+
+
+def check_inner(inner) -> optax.GradientTransformationExtraArgs:
+  """``inner`` with extra-argument support, after checking it is a transformation (not a factory
+  such as ``optax.sgd`` itself)."""
+  if not isinstance(inner, optax.GradientTransformation):
+    hint = " (a factory: call it, e.g. optax.sgd(0.1))" if callable(inner) else ""
+    raise TypeError(
+      f"inner must be an optax.GradientTransformation{hint}; got {inner!r} of type "
+      f"{type(inner).__name__}."
+    )
+  return optax.with_extra_args_support(inner)
+
+
+def check_same_decision(ok: jax.Array, owner: str) -> None:
+  """Raises ``ValueError`` at trace time if, inside ``shard_map``, the skip decision may differ
+  between devices: one device skipping while another applies the step splits the replicas."""
+  varying = distributed.varying_axes_of(ok)
+  if varying:
+    raise ValueError(
+      f"{owner}: the decision to skip differs between devices along the mesh axes {varying}: the "
+      "gradient or loss it judges is split or differs there. Pass axis_name= those axes to the "
+      "guard (and to the clip inside it)."
+    )
 
 
 def as_scalar_loss(loss, axis_names: tuple[str, ...] = ()) -> jax.Array | None:

@@ -11,13 +11,20 @@ import optax
 
 from clipchain._src import distributed
 from clipchain._src import stats as stats_lib
+from clipchain._src.clip_norm import keep_dtypes
 from clipchain._src.guards import skipping
-from clipchain._src.validation import check_choice, check_non_negative, check_positive_int
+from clipchain._src.validation import (
+  check_choice,
+  check_int,
+  check_name,
+  check_non_negative,
+  is_concrete,
+)
 
 WATCHABLE = ("grad_norm", "loss")
 
 
-@stats_lib.register_state("name", "watch")
+@stats_lib.register_state("name", "watch", "axis_names")
 class SkipSpikesState(NamedTuple):
   """State of :func:`skip_spikes`.
 
@@ -34,6 +41,7 @@ class SkipSpikesState(NamedTuple):
     total_skipped: the number of steps skipped so far (int32).
     name: the name under which :func:`clipchain.stats` reports (static).
     watch: the watched quantities (static).
+    axis_names: the mesh axes the guard decides across (static).
   """
 
   inner_state: Any
@@ -46,6 +54,7 @@ class SkipSpikesState(NamedTuple):
   total_skipped: jax.Array
   name: str = "skip_spikes"
   watch: tuple[str, ...] = ("grad_norm",)
+  axis_names: tuple[str, ...] = ()
 
   def input_norm(self) -> jax.Array | None:
     if "grad_norm" not in self.watch:
@@ -122,25 +131,30 @@ def skip_spikes(
     <https://arxiv.org/abs/2402.00838>`_, 2024 (OLMo-core's ``skip_step_on_spikes``)
   """
   check_non_negative("sigma", sigma)
-  check_positive_int("window", window)
-  if min_history is None:
-    min_history = min(max(window // 2, 2), window)
-  check_positive_int("min_history", min_history)
-  if min_history > window:
-    raise ValueError(f"min_history must be at most window={window}; got {min_history!r}.")
-  if isinstance(watch, str) or not watch:
-    raise ValueError(f"watch must be a non-empty sequence of {list(WATCHABLE)}; got {watch!r}.")
+  check_int("window", window, minimum=1)
+  if min_history is not None:
+    check_int("min_history", min_history, minimum=1)
+    if is_concrete((min_history, window)) and min_history > window:
+      raise ValueError(f"min_history must be at most window={window}; got {min_history!r}.")
+  if isinstance(watch, str) or not isinstance(watch, Sequence):
+    raise TypeError(f"watch must be a sequence of {list(WATCHABLE)}; got {watch!r}.")
+  if not watch or len(set(watch)) != len(watch):
+    raise ValueError(
+      f"watch must be a non-empty sequence of distinct {list(WATCHABLE)}; got {watch!r}."
+    )
   for quantity in watch:
     check_choice("watch", quantity, WATCHABLE)
   watch = tuple(watch)
-  inner = optax.with_extra_args_support(inner)
+  check_name(name)
+  inner = skipping.check_inner(inner)
   axis_names = distributed.as_axis_names(axis_name)
 
   def init_fn(params):
     k = len(watch)
     return SkipSpikesState(
       inner_state=inner.init(params),
-      history=jnp.zeros((k, window), jnp.float32),
+      # The window sets the history's shape: init needs its value, update reads it from the state.
+      history=jnp.zeros((k, int(window)), jnp.float32),
       position=jnp.zeros((), jnp.int32),
       filled=jnp.zeros((), jnp.int32),
       last=jnp.zeros((k,), jnp.float32),
@@ -149,9 +163,13 @@ def skip_spikes(
       total_skipped=jnp.zeros((), jnp.int32),
       name=name,
       watch=watch,
+      axis_names=axis_names,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    distributed.check_bound(axis_names, name)
+    size = state.history.shape[-1]
+    least = min(max(size // 2, 2), size) if min_history is None else min_history
     new_updates, new_inner, norm = skipping.run_inner(
       inner, updates, state.inner_state, params, extra_args, axis_names
     )
@@ -166,30 +184,35 @@ def skip_spikes(
         values.append(loss)
     x = jnp.stack(values).astype(jnp.float32)
 
-    valid = jnp.arange(window) < state.filled
+    valid = jnp.arange(size) < state.filled
     count = jnp.maximum(state.filled, 1).astype(jnp.float32)
     mean = jnp.sum(jnp.where(valid, state.history, 0.0), axis=-1) / count
     var = jnp.sum(jnp.where(valid, (state.history - mean[:, None]) ** 2, 0.0), axis=-1) / count
     std = jnp.sqrt(var)
-    ready = state.filled >= min_history
+    ready = state.filled >= least
     zscore = jnp.where(ready, (x - mean) / jnp.where(std > 0, std, 1.0), 0.0)
     finite = jnp.all(jnp.isfinite(x))
     spike = ready & jnp.any(x - mean > sigma * std)
     ok = finite & ~spike
+    skipping.check_same_decision(ok, name)
 
     # Every finite value enters the window, skipped or not; a non-finite one never does.
     written = state.history.at[:, state.position].set(x)
     new_state = SkipSpikesState(
       inner_state=skipping.select_state(ok, new_inner, state.inner_state),
       history=jnp.where(finite, written, state.history),
-      position=jnp.where(finite, (state.position + 1) % window, state.position),
-      filled=jnp.where(finite, jnp.minimum(state.filled + 1, window), state.filled),
+      position=jnp.where(finite, (state.position + 1) % size, state.position),
+      filled=jnp.where(finite, jnp.minimum(state.filled + 1, size), state.filled),
       last=x,
       zscore=zscore,
       skipped=~ok,
       total_skipped=state.total_skipped + (~ok).astype(jnp.int32),
       name=state.name,
       watch=state.watch,
+      axis_names=state.axis_names,
+    )
+    new_state = new_state._replace(
+      **{f: keep_dtypes(getattr(new_state, f), getattr(state, f)) for f in new_state._fields[1:8]}
     )
     return skipping.select(ok, new_updates, skipping.skip_update(new_updates)), new_state
 

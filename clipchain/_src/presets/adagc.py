@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import optax
+
 from clipchain._src import layers as layers_lib
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import Layer
+from clipchain._src.granularity import GranularityLike, Layer
 from clipchain._src.thresholds.ema_ratio import EMARatio
 
 
@@ -17,9 +19,10 @@ def adagc(
   eps: float = 1e-6,
   *,
   layers: layers_lib.LayersSpec = None,
+  granularity: GranularityLike | None = None,
   name: str = "adagc",
   axis_name: AxisName = None,
-):
+) -> optax.GradientTransformation:
   """Clips each layer to ``ratio`` times an EMA of its clipped norm, after a global-clip warmup.
 
   Every layer (each leaf by default) keeps a reference norm ``γ``. During the first
@@ -42,6 +45,8 @@ def adagc(
     layers: how leaves form layers: ``None`` (each leaf, as AdaGC's per-tensor clipping),
       ``"module"``, a ``{name: regex}`` mapping or a callable (see
       :class:`clipchain.granularity.Layer`).
+    granularity: instead of ``layers``, another granularity: ``"global"`` for a global AdaGC,
+      ``"unit"`` for one per output unit; ``None`` (the default) is ``Layer(layers)``.
     name: the name under which :func:`clipchain.stats` reports.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
       (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
@@ -75,4 +80,11 @@ def adagc(
     warmup_max_norm=warmup_max_norm,
     eps=eps,
   )
-  return clip_norm(policy, granularity=Layer(layers), name=name, axis_name=axis_name)
+  if granularity is None:
+    granularity = Layer(layers)
+  elif layers is not None:
+    raise ValueError(
+      f"adagc: give layers= (the layer granularity) or granularity=, not both; got "
+      f"layers={layers!r}, granularity={granularity!r}."
+    )
+  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)

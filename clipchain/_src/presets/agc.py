@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
-import jax
+import optax
 
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
@@ -17,11 +18,11 @@ def adaptive_grad_clip(
   eps=1e-3,
   axis: int | Sequence[int] | None = None,
   *,
-  layout: str = "flax",
-  stacked_axes: int = 0,
+  layout: Literal["flax", "torch"] = "flax",
+  stacked_axes: int | None = None,
   name: str = "adaptive_grad_clip",
   axis_name: AxisName = None,
-):
+) -> optax.GradientTransformation:
   """Clips each unit of the updates to at most ``clipping`` times its params' norm.
 
   A drop-in replacement for ``optax.adaptive_grad_clip``, with the same positional signature and
@@ -44,13 +45,14 @@ def adaptive_grad_clip(
       first is reduced.
     stacked_axes: the number of leading axes that index stacked layers (``nn.scan``,
       ``vmap``-ed layers); they are kept out of the reduction, so each layer is clipped on its
-      own.
+      own. ``None`` is 0.
     name: the name under which :func:`clipchain.stats` reports.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
       (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
 
-  With ``optax.inject_hyperparams``, name the structural arguments static:
-  ``optax.inject_hyperparams(adaptive_grad_clip, static_args=("axis", "stacked_axes"))``.
+  ``axis`` and ``stacked_axes`` define the units, so they must be Python ints: under
+  ``optax.inject_hyperparams`` the defaults (``None``) work as they are; to set either, name it in
+  ``static_args``.
 
   Returns:
     An ``optax.GradientTransformation`` that must be called with the params,
@@ -74,12 +76,6 @@ def adaptive_grad_clip(
     Brock et al., `High-Performance Large-Scale Image Recognition Without Normalization
     <https://arxiv.org/abs/2102.06171>`_, 2021
   """
-  if any(isinstance(a, jax.Array) for a in jax.tree.leaves((axis, stacked_axes))):
-    raise ValueError(
-      "axis and stacked_axes define the units, so they must be Python ints; got "
-      f"axis={axis!r}, stacked_axes={stacked_axes!r}. With optax.inject_hyperparams, pass "
-      "static_args=('axis', 'stacked_axes')."
-    )
   granularity = Unit(axis, layout=layout, stacked_axes=stacked_axes)
   return clip_norm(
     RelativeToParams(clipping, eps), granularity=granularity, name=name, axis_name=axis_name

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import optax
+
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import Granularity
+from clipchain._src.granularity import GranularityLike
 from clipchain._src.thresholds.percentile import Percentile
 
 
@@ -13,10 +15,10 @@ def autoclip(
   *,
   window: int = 10_000,
   include_current: bool = True,
-  granularity: str | Granularity = "global",
+  granularity: GranularityLike = "global",
   name: str = "autoclip",
   axis_name: AxisName = None,
-):
+) -> optax.GradientTransformation:
   """Clips updates to a percentile of the norms seen so far (AutoClip).
 
   Each update's pre-clip norm is added to a history of the last ``window`` norms, and the update
@@ -51,8 +53,10 @@ def autoclip(
     An ``optax.GradientTransformation`` whose state is a :class:`clipchain.ClipNormState`.
 
   Raises:
-    ValueError: for a percentile outside ``[0, 100]``, a window that is not a positive integer,
-      a non-bool ``include_current``, or the unit or element granularity.
+    TypeError: for a percentile that is not a number, a window that is not an integer, or a
+      non-bool ``include_current``.
+    ValueError: for a percentile outside ``[0, 100]``, a window below 1, or a granularity whose
+      groups grow with the leaves (unit, element).
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipchain

@@ -8,14 +8,20 @@ arguments, and keeps statistics in its state.
 
 from __future__ import annotations
 
+import optax
+
 from clipchain._src import layers as layers_lib
 from clipchain._src.clip_norm import ThresholdLike, as_policy, clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Layer
 
 
-def clip(max_delta: ThresholdLike, *, name: str = "clip", axis_name: AxisName = None):
+def clip(
+  max_delta: ThresholdLike, *, name: str = "clip", axis_name: AxisName = None
+) -> optax.GradientTransformation:
   """Clips every value of the updates to ``[-max_delta, max_delta]`` (as ``optax.clip``).
+
+  A complex value keeps its phase: its modulus is clipped to ``max_delta``.
 
   Args:
     max_delta: the largest absolute value allowed (a number, a schedule or a policy).
@@ -41,7 +47,7 @@ def clip(max_delta: ThresholdLike, *, name: str = "clip", axis_name: AxisName = 
 
 def clip_by_global_norm(
   max_norm: ThresholdLike, *, name: str = "clip_by_global_norm", axis_name: AxisName = None
-):
+) -> optax.GradientTransformation:
   """Clips updates so that their global L2 norm is at most ``max_norm``.
 
   A drop-in replacement for ``optax.clip_by_global_norm``: the update is multiplied by
@@ -76,7 +82,7 @@ def clip_by_global_norm(
 
 def clip_by_block_rms(
   threshold: ThresholdLike, *, name: str = "clip_by_block_rms", axis_name: AxisName = None
-):
+) -> optax.GradientTransformation:
   """Clips each leaf so that its root mean square is at most ``threshold``.
 
   The update clipping of Adafactor, ``u ← u / max(1, rms(u) / threshold)``, as
@@ -103,7 +109,7 @@ def clip_by_block_rms(
     <https://arxiv.org/abs/1804.04235>`_, 2018
   """
   return clip_norm(
-    as_policy(threshold), granularity=Layer(measure="rms"), name=name, axis_name=axis_name
+    as_policy(threshold), granularity=Layer(norm="rms"), name=name, axis_name=axis_name
   )
 
 
@@ -113,7 +119,7 @@ def clip_by_layer_norm(
   layers: layers_lib.LayersSpec = None,
   name: str = "clip_by_layer_norm",
   axis_name: AxisName = None,
-):
+) -> optax.GradientTransformation:
   """Clips each layer's L2 norm to ``max_norm``.
 
   A layer is a leaf by default. ``layers="module"`` groups the leaves of one Flax module (kernel

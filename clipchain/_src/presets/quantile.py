@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import optax
+
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import Granularity
+from clipchain._src.granularity import GranularityLike
 from clipchain._src.thresholds.quantile import QuantileTracker
 
 
 def quantile_clip(
-  target_quantile=0.5,
-  learning_rate=0.2,
-  initial_threshold=0.1,
-  granularity: str | Granularity = "global",
+  target_quantile: float = 0.5,
+  learning_rate: float = 0.2,
+  initial_threshold: float = 0.1,
   *,
+  granularity: GranularityLike = "global",
   name: str = "quantile_clip",
   axis_name: AxisName = None,
-):
+) -> optax.GradientTransformation:
   """Clips updates to a running estimate of the ``target_quantile`` of their norms.
 
   The threshold ``C`` starts at ``initial_threshold`` and after each update moves geometrically,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import optax
+
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
+from clipchain._src.granularity import GranularityLike
 from clipchain._src.thresholds.second_moment import SecondMoment
 
 
@@ -12,9 +15,10 @@ def spam_clip(
   beta2: float = 0.999,
   warmup_steps: int = 19,
   *,
+  granularity: GranularityLike = "element",
   name: str = "spam_clip",
   axis_name: AxisName = None,
-):
+) -> optax.GradientTransformation:
   """Clips every value whose square exceeds ``threshold`` times an EMA of its square (SPAM).
 
   The spike-aware clipping of the SPAM optimizer as a gradient transformation: with ``v`` the
@@ -31,6 +35,8 @@ def spam_clip(
     beta2: the EMA decay of ``v``, in ``[0, 1)``.
     warmup_steps: the number of updates during which nothing is clipped, >= 0; 19 is the
       reference's ``grad_accu_steps=20`` (clipping from the 20th update on).
+    granularity: ``"element"`` (SPAM); at ``"global"``, ``"layer"`` or ``"unit"`` the same rule
+      compares each group's squared norm with ``threshold`` times its EMA.
     name: the name under which :func:`clipchain.stats` reports.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
       (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
@@ -38,7 +44,7 @@ def spam_clip(
   Returns:
     An ``optax.GradientTransformation``; in its statistics ``clipped_fraction`` is the fraction of
     values clipped, ``threshold`` the mean per-value threshold (``inf`` during the warmup) and
-    ``"{name}/moment_rms"`` the root of the mean ``v``.
+    ``"{name}/moment_rms"`` the mean over values of ``sqrt(v)``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipchain
@@ -58,4 +64,4 @@ def spam_clip(
     <https://arxiv.org/abs/2501.06842>`_, 2025
   """
   policy = SecondMoment(threshold=threshold, beta2=beta2, warmup_steps=warmup_steps)
-  return clip_norm(policy, granularity="element", name=name, axis_name=axis_name)
+  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+import optax
+
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import Granularity
+from clipchain._src.granularity import GranularityLike
 from clipchain._src.thresholds.zscore import ZScore
 
 
@@ -14,15 +18,15 @@ def zclip(
   max_grad_norm: float | None = 1.0,
   eps: float = 1e-6,
   warmup_steps: int = 25,
-  mode: str = "zscore",
-  clip_option: str = "adaptive_scaling",
+  mode: Literal["zscore", "percentile"] = "zscore",
+  clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling",
   clip_factor: float = 1.0,
   skip_update_on_spike: bool = False,
-  granularity: str | Granularity = "global",
   *,
+  granularity: GranularityLike = "global",
   name: str = "zclip",
   axis_name: AxisName = None,
-):
+) -> optax.GradientTransformation:
   """Clips gradient-norm spikes found by a z-score against an EMA of the norm (ZClip).
 
   The arguments and their defaults are those of ``zclip.ZClip`` (package ``zclip`` 1.0.0), whose
@@ -38,7 +42,7 @@ def zclip(
       ``mean + z_thresh * std``), > 0.
     max_grad_norm: a fixed cap on the threshold at every step (warmup included), or ``None``.
     eps: added to the standard deviation in the z-score, >= 0.
-    warmup_steps: the number of norms collected before the statistics start, > 0.
+    warmup_steps: the number of positive norms collected before the statistics start, > 0.
     mode: ``"zscore"`` or ``"percentile"``.
     clip_option: ``"adaptive_scaling"`` (clip to ``mean + z_thresh**2 * std / z``, times
       ``clip_factor``) or ``"mean"`` (clip to the mean); only used with ``mode="zscore"``.

@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from clipchain._src import norms as norms_lib
 from clipchain._src.granularity import Granularity, Groups
-from clipchain._src.thresholds.base import Context, ThresholdPolicy
-from clipchain._src.validation import check_in_range, check_non_negative, check_positive_int
+from clipchain._src.thresholds.base import Context, ThresholdPolicy, map_groups, zeros_like_norms
+from clipchain._src.validation import check_int, check_non_negative, check_number
 
 
 class EMARatioState(NamedTuple):
   """State of :class:`EMARatio`.
 
   Attributes:
-    gamma: the reference norm ``γ`` of each group: a float32 scalar (global granularity), one per
-      layer (layer granularity), or, with the unit granularity, a tuple with one array per leaf
-      of the norms tree. ``+inf`` until the group has had a nonzero norm.
+    gamma: the reference norm ``γ`` of each group, a pytree shaped like the norms (float32);
+      ``+inf`` until the group has had a nonzero norm.
   """
 
   gamma: Any
 
-  def report(self) -> dict[str, jax.Array]:
-    """``gamma``: per layer with the layer granularity, averaged over units with the unit one."""
-    if isinstance(self.gamma, tuple):
-      count = sum(x.size for x in self.gamma)
-      return {"gamma": norms_lib.total([jnp.sum(x) for x in self.gamma]) / max(count, 1)}
-    return {"gamma": self.gamma}
 
-
+@dataclasses.dataclass(frozen=True)
 class EMARatio(ThresholdPolicy):
   """AdaGC's threshold: ``ratio`` times an EMA of each group's clipped norm.
 
@@ -43,6 +35,7 @@ class EMARatio(ThresholdPolicy):
   * **warmup**, the first ``warmup_steps`` updates: the whole tree is clipped to the global norm
     ``warmup_max_norm`` (``G`` is computed from the groups' norms; every group is scaled by
     ``min(1, warmup_max_norm / (G + eps))``, which the policy expresses as one threshold per group,
+    with ``G`` the L2 norm of the whole update (``Context.norm``),
     ``n · warmup_max_norm / (G + eps)``), and ``γ ← min(γ, n')`` where ``n'`` is the group's norm
     after that clip (a running minimum). ``warmup_max_norm=None`` leaves the warmup unclipped.
   * **after the warmup**: with ``c = ratio · γ``, a group is scaled by ``min(1, c / (n + eps))``
@@ -105,78 +98,69 @@ class EMARatio(ThresholdPolicy):
     <https://arxiv.org/abs/2502.11034>`_, 2025
   """
 
-  def __init__(
-    self,
-    ratio: float | Callable[[jax.Array], jax.typing.ArrayLike] = 1.04,
-    beta: float = 0.99,
-    warmup_steps: int = 100,
-    warmup_max_norm: float | None = 1.0,
-    eps: float = 1e-6,
-  ):
-    if not callable(ratio):
-      check_in_range("ratio", ratio, 1.0, math.inf, high_open=True)
-    check_in_range("beta", beta, 0.0, 1.0, high_open=True)
-    check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
-    if warmup_max_norm is not None:
-      check_non_negative("warmup_max_norm", warmup_max_norm)
-    check_non_negative("eps", eps)
-    self.ratio = ratio
-    self.beta = beta
-    self.warmup_steps = warmup_steps
-    self.warmup_max_norm = warmup_max_norm
-    self.eps = eps
+  ratio: float | Callable[[jax.Array], jax.typing.ArrayLike] = 1.04
+  beta: float = 0.99
+  warmup_steps: int = 100
+  warmup_max_norm: float | None = 1.0
+  eps: float = 1e-6
+
+  def __post_init__(self):
+    if not callable(self.ratio):
+      check_number("ratio", self.ratio, low=1.0)
+    check_number("beta", self.beta, low=0.0, high=1.0, high_open=True)
+    check_int("warmup_steps", self.warmup_steps, minimum=0)
+    if self.warmup_max_norm is not None:
+      check_non_negative("warmup_max_norm", self.warmup_max_norm)
+    check_non_negative("eps", self.eps)
 
   def check_granularity(self, granularity: Granularity) -> None:
-    if granularity.name == "element":
+    if granularity.one_group_per_value:
       raise ValueError(
-        "EMARatio (AdaGC) needs the norm of a group of values: per value "
-        "(granularity='element') a magnitude crosses zero whenever its sign changes, so the "
+        f"EMARatio (AdaGC) needs the norm of a group of values; at {granularity!r} every value "
+        "is its own group, and a magnitude crosses zero whenever its sign changes, so the "
         "warmup's running minimum would be about 0 for nearly every value and the threshold "
         "ratio * gamma would clip them all. Use the 'layer' (AdaGC), 'global' or 'unit' "
         "granularity, or thresholds.SecondMoment (SPAM) to clip per-value spikes."
       )
 
   def init(self, groups: Groups) -> EMARatioState:
-    gammas = tuple(jnp.full(s.shape, jnp.inf, jnp.float32) for s in jax.tree.leaves(groups.norms))
-    return EMARatioState(gammas if groups.granularity.name == "unit" else gammas[0])
+    return EMARatioState(zeros_like_norms(groups, fill=jnp.inf))
 
   def __call__(self, norms, state: EMARatioState, context: Context):
-    leaves, treedef = jax.tree.flatten(norms)
-    leaves = [jnp.asarray(n, jnp.float32) for n in leaves]
-    gammas = state.gamma if isinstance(state.gamma, tuple) else (state.gamma,)
     warmup = context.count < self.warmup_steps
     ratio = self.ratio(context.count) if callable(self.ratio) else self.ratio
     ratio = jnp.asarray(ratio, jnp.float32)
+    if self.warmup_max_norm is None:
+      global_scale = None
+    else:
+      global_scale = self.warmup_max_norm / (jnp.asarray(context.norm, jnp.float32) + self.eps)
 
-    if self.warmup_max_norm is not None:
-      global_norm = norms_lib.safe_sqrt(norms_lib.total([jnp.sum(n * n) for n in leaves]))
-      global_scale = self.warmup_max_norm / (global_norm + self.eps)
-
-    thresholds, new_gammas = [], []
-    for norm, gamma in zip(leaves, gammas):
-      # Warmup: each group's share of the global clip (>= its norm when the tree is not clipped).
-      if self.warmup_max_norm is None:
-        warmup_limit = jnp.full_like(norm, jnp.inf)
-      else:
-        warmup_limit = norm * global_scale
-      limit = ratio * gamma
+    def step(norm, gamma):
+      norm = jnp.asarray(norm, jnp.float32)
+      seen = jnp.isfinite(gamma)
+      # Arithmetic on a finite stand-in for gamma = inf (no limit), so that neither the value nor
+      # jax.grad meets inf * 0.
+      limit = ratio * jnp.where(seen, gamma, 0.0)
       scale = limit / (norm + self.eps)
+      clipped_here = seen & (scale < 1.0)
       # A clipped group's threshold is the norm it is clipped to, so that the core's c / n is the
-      # reference's c / (n + eps); `limit` is inf (no limit) while gamma has seen no norm.
-      relative_limit = jnp.where(scale < 1.0, norm * scale, limit)
+      # reference's c / (n + eps).
+      relative_limit = jnp.where(clipped_here, norm * jnp.where(clipped_here, scale, 1.0), limit)
+      relative_limit = jnp.where(seen, relative_limit, jnp.inf)
+      # Warmup: each group's share of the global clip (>= its norm when the tree is not clipped).
+      warmup_limit = jnp.full_like(norm, jnp.inf) if global_scale is None else norm * global_scale
       threshold = jnp.where(warmup, warmup_limit, relative_limit)
       clipped = jnp.minimum(norm, threshold)
-      ema = jnp.where(jnp.isinf(gamma), clipped, self.beta * gamma + (1 - self.beta) * clipped)
+      ema = jnp.where(
+        seen, self.beta * jnp.where(seen, gamma, 0.0) + (1 - self.beta) * clipped, clipped
+      )
       updated = jnp.where(warmup, jnp.minimum(gamma, clipped), ema)
       # A zero norm says nothing about the group's scale: it must not pull gamma to 0.
-      new_gammas.append(jnp.where(clipped > 0, updated, gamma).astype(jnp.float32))
-      thresholds.append(threshold.astype(jnp.float32))
+      new_gamma = jnp.where(clipped > 0, updated, gamma).astype(jnp.float32)
+      return threshold.astype(jnp.float32), new_gamma
 
-    new_gamma = tuple(new_gammas) if isinstance(state.gamma, tuple) else new_gammas[0]
-    return jax.tree.unflatten(treedef, thresholds), EMARatioState(new_gamma)
+    threshold, gamma = map_groups(step, 2, norms, state.gamma)
+    return threshold, EMARatioState(gamma)
 
-  def __repr__(self) -> str:
-    return (
-      f"EMARatio(ratio={self.ratio!r}, beta={self.beta!r}, warmup_steps={self.warmup_steps!r}, "
-      f"warmup_max_norm={self.warmup_max_norm!r}, eps={self.eps!r})"
-    )
+  def statistics(self, state: EMARatioState) -> dict[str, Any]:
+    return {"gamma": state.gamma}

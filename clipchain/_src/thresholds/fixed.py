@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from clipchain._src.granularity import Granularity, Groups
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
-from clipchain._src.validation import check_non_negative
+from clipchain._src.validation import check_callable, check_non_negative
 
 
+@dataclasses.dataclass(frozen=True)
 class Fixed(ThresholdPolicy):
-  """A constant threshold, or one constant per layer.
+  """A constant threshold, or one constant per named group (layer).
 
   Args:
-    value: a non-negative finite number (or scalar array); or, with ``granularity="layer"``, a
-      mapping from layer name to threshold that names every layer.
+    value: a non-negative finite number (or scalar array); or, at a granularity with named groups
+      (``"layer"``), a mapping from layer name to threshold that names every layer.
     argname: the argument name used in error messages.
 
   Examples:
@@ -28,27 +31,30 @@ class Fixed(ThresholdPolicy):
     Array([0.6, 0.8], dtype=float32)
   """
 
-  def __init__(self, value, *, argname: str = "threshold"):
-    self.argname = argname
-    if isinstance(value, Mapping):
-      if not value:
-        raise ValueError(f"{argname} must not be an empty mapping; got {{}}.")
-      for layer, v in value.items():
-        check_non_negative(f"{argname}[{layer!r}]", v)
-      self.value = dict(value)
+  value: Any
+  argname: str = dataclasses.field(default="threshold", repr=False, compare=False)
+
+  def __post_init__(self):
+    if isinstance(self.value, Mapping):
+      if not self.value:
+        raise ValueError(f"{self.argname} must not be an empty mapping; got {{}}.")
+      for layer, v in self.value.items():
+        if not isinstance(layer, str):
+          raise TypeError(f"{self.argname} must map layer names (str) to numbers; got {layer!r}.")
+        check_non_negative(f"{self.argname}[{layer!r}]", v)
+      object.__setattr__(self, "value", dict(self.value))
     else:
-      check_non_negative(argname, value)
-      self.value = value
+      check_non_negative(self.argname, self.value)
 
   @property
   def per_layer(self) -> bool:
     return isinstance(self.value, dict)
 
   def check_granularity(self, granularity: Granularity) -> None:
-    if self.per_layer and granularity.name != "layer":
+    if self.per_layer and not granularity.named_groups:
       raise ValueError(
-        f"{self.argname} given per layer (a mapping) needs the layer granularity; got "
-        f"granularity={granularity.name!r}."
+        f"{self.argname} given per layer (a mapping) needs a granularity with named groups "
+        f"('layer'); got {granularity!r}."
       )
 
   def init(self, groups: Groups):
@@ -67,12 +73,12 @@ class Fixed(ThresholdPolicy):
       return jnp.array([self.value[n] for n in context.groups.names], jnp.float32), state
     return jnp.asarray(self.value, jnp.float32), state
 
-  def __repr__(self) -> str:
-    return f"Fixed({self.value!r})"
 
-
+@dataclasses.dataclass(frozen=True)
 class Scheduled(ThresholdPolicy):
   """A threshold that follows a schedule of the step, such as an ``optax`` schedule.
+
+  The schedule must return a scalar; a value below 0 is taken as 0 (everything is clipped to 0).
 
   Args:
     schedule: a function from the update count (starting at 0) to the threshold.
@@ -83,13 +89,15 @@ class Scheduled(ThresholdPolicy):
     >>> tx = clipchain.clip_norm(policy)
   """
 
-  def __init__(self, schedule: Callable[[jax.Array], jax.typing.ArrayLike]):
-    if not callable(schedule):
-      raise ValueError(f"schedule must be callable (step -> threshold); got {schedule!r}.")
-    self.schedule = schedule
+  schedule: Callable[[jax.Array], jax.typing.ArrayLike]
+
+  def __post_init__(self):
+    check_callable("schedule", self.schedule, "step -> threshold")
 
   def __call__(self, norms, state, context: Context):
-    return jnp.asarray(self.schedule(context.count), jnp.float32), state
-
-  def __repr__(self) -> str:
-    return f"Scheduled({self.schedule!r})"
+    value = self.schedule(context.count)
+    if jnp.ndim(value) != 0:
+      raise ValueError(
+        f"schedule must return a scalar threshold; it returned shape {jnp.shape(value)}."
+      )
+    return jnp.asarray(value, jnp.float32), state

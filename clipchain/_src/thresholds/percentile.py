@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from clipchain._src.granularity import Granularity, Groups
-from clipchain._src.thresholds.base import Context, ThresholdPolicy
-from clipchain._src.validation import check_in_range, check_positive_int
+from clipchain._src.thresholds.base import Context, ThresholdPolicy, map_groups, zeros_like_norms
+from clipchain._src.validation import check_bool, check_int, check_number
 
 
 class PercentileState(NamedTuple):
-  """State of :class:`Percentile`.
+  """State of :class:`Percentile`; each field is a pytree shaped like the norms.
 
   Attributes:
-    history: a ring buffer of the last ``window`` finite pre-clip norms, ``(window,)`` float32, or
-      ``(layers, window)`` with the layer granularity; only the first ``history_length`` slots are
-      valid until the buffer has wrapped.
-    position: the slot the next norm is written to (int32).
-    history_length: how many slots hold a norm, at most ``window`` (int32).
+    history: per group, a ring buffer of its last ``window`` positive, finite pre-clip norms
+      (the norm's shape plus a trailing ``window`` axis, float32); only the first
+      ``history_length`` slots are valid until the buffer has wrapped.
+    position: per group, the slot its next norm is written to (int32).
+    history_length: per group, how many slots hold a norm, at most ``window`` (int32).
   """
 
-  history: jax.Array
-  position: jax.Array
-  history_length: jax.Array
-
-  def report(self) -> dict[str, jax.Array]:
-    return {"history_length": self.history_length.astype(jnp.float32)}
+  history: Any
+  position: Any
+  history_length: Any
 
 
 def _percentile(values: jax.Array, valid: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -48,12 +47,13 @@ def _percentile(values: jax.Array, valid: jax.Array, q: jax.Array) -> tuple[jax.
   return jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t), count
 
 
+@dataclasses.dataclass(frozen=True)
 class Percentile(ThresholdPolicy):
   """A threshold at a percentile of the last ``window`` norms: the policy of AutoClip.
 
-  Each update's pre-clip norm is appended to a history of at most ``window`` norms (a ring buffer:
-  the oldest is overwritten), and the threshold is the ``percentile``-th percentile of that
-  history, interpolated linearly as ``np.percentile``.
+  Each update's pre-clip norm is appended to its group's history of at most ``window`` norms (a
+  ring buffer: the oldest is overwritten), and the threshold is the ``percentile``-th percentile of
+  that history, interpolated linearly as ``np.percentile``.
 
   * ``include_current=True`` (the paper): the history includes the current norm, so the first
     update is never clipped (its threshold is its own norm) and, at ``percentile=100``, no update
@@ -63,18 +63,19 @@ class Percentile(ThresholdPolicy):
     reported threshold is its own norm rather than ``inf`` (the same result: a group at or below
     its threshold is left exactly as is), so the statistics stay finite.
 
-  A non-finite norm never enters the history (the core keeps this state when the tree's norm is
-  not finite); with ``include_current=True`` a non-finite current norm is also left out of its
-  percentile, so the reported threshold is that of the stored norms.
+  A norm that is zero or not finite never enters a history: a zero norm (a frozen or unused
+  layer) says nothing about the group's scale, and a window of zeros would clip the group to 0
+  when its gradient comes back. (The core also keeps the whole state when the tree's norm is not
+  finite.) With ``include_current=True`` such a current norm is left out of its own percentile too.
 
-  Cost: the state holds ``window`` float32 values per group (``window * layers`` with the layer
-  granularity: 40 KB per layer for the default 10,000) and each update sorts them. Percentiles
-  per unit or per value would need a window per unit or per value and are refused.
+  Cost: the state holds ``window`` float32 values per group and each update sorts them, so a
+  granularity whose groups grow with the leaves (units, values) is refused.
 
   Args:
     percentile: the percentile of the history, in ``[0, 100]`` (the paper recommends 10).
     window: how many recent norms the history holds, a positive integer (the paper keeps every
-      norm; a fixed size is needed under ``jit``).
+      norm; a fixed size is needed under ``jit``). It sets the state's shape, so ``init`` needs its
+      value; ``update`` reads it from the state.
     include_current: whether the current norm is part of the history its threshold is taken from.
 
   Examples:
@@ -85,66 +86,58 @@ class Percentile(ThresholdPolicy):
     ...   u, state = tx.update({"w": jnp.array([g])}, state)
     >>> u["w"]  # the median of the last three norms, 3, 2 and 9
     Array([3.], dtype=float32)
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source Separation Networks
+    <https://arxiv.org/abs/2007.14469>`_, 2020
   """
 
-  def __init__(
-    self, percentile: float = 10.0, *, window: int = 10_000, include_current: bool = True
-  ):
-    if isinstance(percentile, (str, bytes, bool)):
-      raise ValueError(f"percentile must be a number in [0, 100]; got {percentile!r}.")
-    check_in_range("percentile", percentile, 0.0, 100.0)
-    if isinstance(window, jax.Array):
-      raise ValueError(
-        f"window sets the shape of the history and must be a Python int; got {window!r} (with "
-        "optax.inject_hyperparams, pass static_args=('window',))."
-      )
-    check_positive_int("window", window)
-    if not isinstance(include_current, bool):
-      raise ValueError(f"include_current must be a bool; got {include_current!r}.")
-    self.percentile = percentile
-    self.window = window
-    self.include_current = include_current
+  percentile: float = 10.0
+  _: dataclasses.KW_ONLY
+  window: int = 10_000
+  include_current: bool = True
 
-  def __repr__(self) -> str:
-    return (
-      f"Percentile({self.percentile!r}, window={self.window}, "
-      f"include_current={self.include_current})"
-    )
+  def __post_init__(self):
+    check_number("percentile", self.percentile, low=0.0, high=100.0)
+    check_int("window", self.window, minimum=1)
+    check_bool("include_current", self.include_current)
 
   def check_granularity(self, granularity: Granularity) -> None:
-    if granularity.name not in ("global", "layer"):
+    if granularity.groups_grow_with_size:
       raise ValueError(
-        f"Percentile keeps a window of {self.window} norms per group: at granularity="
-        f"{granularity.name!r} that is window x the number of "
-        f"{'units' if granularity.name == 'unit' else 'values'} floats of state (and a sort of "
-        "them every update); use granularity='global' or 'layer'."
+        f"Percentile keeps a window of {self.window} norms per group: at {granularity!r}, whose "
+        "groups grow with the size of the leaves (units, values), that is window times the "
+        "parameters in state and a sort of them every update; use granularity='global' or "
+        "'layer'."
       )
 
   def init(self, groups: Groups) -> PercentileState:
+    window = int(self.window)
     return PercentileState(
-      history=jnp.zeros((*groups.norms.shape, self.window), jnp.float32),
-      position=jnp.zeros((), jnp.int32),
-      history_length=jnp.zeros((), jnp.int32),
+      history=zeros_like_norms(groups, extra_shape=(window,)),
+      position=zeros_like_norms(groups, jnp.int32),
+      history_length=zeros_like_norms(groups, jnp.int32),
     )
 
   def __call__(self, norms, state: PercentileState, context: Context):
-    del context
-    norms = jnp.asarray(norms, jnp.float32)
-    slots = jnp.arange(self.window)
-    history = jnp.where(slots == state.position, norms[..., None], state.history)
-    new_state = PercentileState(
-      history=history,
-      position=(state.position + 1) % self.window,
-      history_length=jnp.minimum(state.history_length + 1, self.window),
-    )
-    if self.include_current:
-      # A non-finite current norm is left out: its group's threshold comes from the stored norms.
-      current = jnp.isfinite(norms)
-      values = jnp.where(current[..., None], history, state.history)
-      length = jnp.where(current, new_state.history_length, state.history_length)
-    else:
-      values, length = state.history, state.history_length
-    valid = jnp.broadcast_to(slots < length[..., None], values.shape)
     q = jnp.asarray(self.percentile, jnp.float32) / 100.0
+    threshold, *fields = map_groups(functools.partial(self._step, q), 4, norms, *state)
+    return threshold, PercentileState(*fields)
+
+  def _step(self, q, norm, history, position, length):
+    norm = jnp.asarray(norm, jnp.float32)
+    window = history.shape[-1]
+    observed = jnp.isfinite(norm) & (norm > 0)
+    slots = jnp.arange(window)
+    written = jnp.where(slots == position[..., None], norm[..., None], history)
+    new_history = jnp.where(observed[..., None], written, history)
+    new_position = jnp.where(observed, (position + 1) % window, position)
+    new_length = jnp.where(observed, jnp.minimum(length + 1, window), length)
+    values, count = (new_history, new_length) if self.include_current else (history, length)
+    valid = slots < count[..., None]
     threshold, count = _percentile(values, valid, q)
-    return jnp.where(count > 0, threshold, norms), new_state
+    threshold = jnp.where(count > 0, threshold, norm)
+    return threshold, new_history, new_position, new_length
+
+  def statistics(self, state: PercentileState) -> dict[str, Any]:
+    return {"history_length": jax.tree.map(lambda n: n.astype(jnp.float32), state.history_length)}

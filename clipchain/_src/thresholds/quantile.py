@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from clipchain._src.granularity import Granularity, Groups
-from clipchain._src.thresholds.base import Context, ThresholdPolicy
-from clipchain._src.validation import check_in_range, is_concrete
+from clipchain._src.thresholds.base import (
+  Context,
+  ThresholdPolicy,
+  where_observed,
+  zeros_like_norms,
+)
+from clipchain._src.validation import check_number, is_concrete
+
+# C is kept at or above the smallest normal float32: a tracker that underflowed to 0 could never
+# grow again (0 * exp(x) = 0).
+_SMALLEST_THRESHOLD = float(jnp.finfo(jnp.float32).tiny)
 
 
 class QuantileTrackerState(NamedTuple):
@@ -18,12 +27,13 @@ class QuantileTrackerState(NamedTuple):
 
   Attributes:
     quantile: the running estimate ``C`` of the target quantile of the norms, the threshold of
-      the next update: a float32 scalar (global), one per layer, or a tree of one per unit.
+      the next update, a pytree shaped like the norms (float32).
   """
 
   quantile: Any
 
 
+@dataclasses.dataclass(frozen=True)
 class QuantileTracker(ThresholdPolicy):
   """Tracks the ``target_quantile`` of the norms online and clips to it.
 
@@ -33,7 +43,10 @@ class QuantileTracker(ThresholdPolicy):
   ``[min_threshold, max_threshold]`` when given. ``C`` shrinks while norms stay below it and
   grows while they exceed it, and settles where a fraction ``target_quantile`` of the norms is
   unclipped. A streaming AutoClip in O(1) memory: one number per group (the tree, each layer or
-  each unit). A step whose norm is not finite leaves ``C`` unchanged.
+  each unit). A step whose norm is not finite leaves ``C`` unchanged, and so does a group's zero
+  norm (a frozen or unused layer): it says nothing about the group's scale, and a run of them
+  would drift ``C`` towards 0, where the group's gradient would be clipped to nothing when it comes
+  back. ``C`` never goes below the smallest normal float32 (``1.2e-38``), from where it can grow.
 
   Args:
     target_quantile: the fraction of updates left unclipped at equilibrium, in ``[0, 1]``.
@@ -58,45 +71,40 @@ class QuantileTracker(ThresholdPolicy):
     <https://arxiv.org/abs/1905.03871>`_, 2021
   """
 
-  def __init__(
-    self,
-    target_quantile=0.5,
-    learning_rate=0.2,
-    initial_threshold=0.1,
-    *,
-    min_threshold=None,
-    max_threshold=None,
-  ):
-    check_in_range("target_quantile", target_quantile, 0.0, 1.0)
-    check_in_range("learning_rate", learning_rate, 0.0, math.inf, low_open=True, high_open=True)
-    check_in_range(
-      "initial_threshold", initial_threshold, 0.0, math.inf, low_open=True, high_open=True
-    )
-    if min_threshold is not None:
-      check_in_range("min_threshold", min_threshold, 0.0, math.inf, high_open=True)
-    if max_threshold is not None:
-      check_in_range("max_threshold", max_threshold, 0.0, math.inf, low_open=True)
-    low = -math.inf if min_threshold is None else min_threshold
-    high = math.inf if max_threshold is None else max_threshold
-    if is_concrete((low, initial_threshold, high)) and not low <= initial_threshold <= high:
+  target_quantile: float = 0.5
+  learning_rate: float = 0.2
+  initial_threshold: float = 0.1
+  _: dataclasses.KW_ONLY
+  min_threshold: float | None = None
+  max_threshold: float | None = None
+
+  def __post_init__(self):
+    check_number("target_quantile", self.target_quantile, low=0.0, high=1.0)
+    check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
+    check_number("initial_threshold", self.initial_threshold, low=0.0, low_open=True)
+    if self.min_threshold is not None:
+      check_number("min_threshold", self.min_threshold, low=0.0)
+    if self.max_threshold is not None:
+      check_number("max_threshold", self.max_threshold, low=0.0, low_open=True, allow_inf=True)
+    low = 0.0 if self.min_threshold is None else self.min_threshold
+    high = jnp.inf if self.max_threshold is None else self.max_threshold
+    if is_concrete((low, self.initial_threshold, high)) and not (
+      low <= self.initial_threshold <= high
+    ):
       raise ValueError(
         "QuantileTracker needs min_threshold <= initial_threshold <= max_threshold; got "
-        f"min_threshold={min_threshold!r}, initial_threshold={initial_threshold!r}, "
-        f"max_threshold={max_threshold!r}."
+        f"min_threshold={self.min_threshold!r}, initial_threshold={self.initial_threshold!r}, "
+        f"max_threshold={self.max_threshold!r}."
       )
-    self.target_quantile = target_quantile
-    self.learning_rate = learning_rate
-    self.initial_threshold = initial_threshold
-    self.min_threshold = min_threshold
-    self.max_threshold = max_threshold
 
   def check_granularity(self, granularity: Granularity) -> None:
-    if granularity.name == "element":
+    if granularity.one_group_per_value:
       raise ValueError(
-        "QuantileTracker cannot track a quantile per value (granularity='element'): a value's "
-        "magnitude is not a sample from one distribution across steps, so a per-value quantile "
-        "means nothing and would cost one tracker per parameter. Use a 'global', 'layer' or "
-        "'unit' granularity, or thresholds.SecondMoment to clip per-value spikes."
+        f"QuantileTracker cannot track a quantile per value ({granularity!r} makes every value a "
+        "group): a value's magnitude is not a sample from one distribution across steps, so a "
+        "per-value quantile means nothing and would cost one tracker per parameter. Use a "
+        "'global', 'layer' or 'unit' granularity, or thresholds.SecondMoment to clip per-value "
+        "spikes."
       )
 
   def _clamp(self, c: jax.Array) -> jax.Array:
@@ -107,10 +115,7 @@ class QuantileTracker(ThresholdPolicy):
     return c
 
   def init(self, groups: Groups) -> QuantileTrackerState:
-    initial = jnp.asarray(self.initial_threshold, jnp.float32)
-    return QuantileTrackerState(
-      jax.tree.map(lambda s: jnp.full(s.shape, initial, jnp.float32), groups.norms)
-    )
+    return QuantileTrackerState(zeros_like_norms(groups, fill=self.initial_threshold))
 
   def __call__(self, norms, state: QuantileTrackerState, context: Context):
     rate = jnp.asarray(self.learning_rate, jnp.float32)
@@ -118,13 +123,12 @@ class QuantileTracker(ThresholdPolicy):
 
     def step(norm, c):
       unclipped = (norm <= c).astype(jnp.float32)
-      return self._clamp(c * jnp.exp(-rate * (unclipped - target))).astype(jnp.float32)
+      new = self._clamp(c * jnp.exp(-rate * (unclipped - target)))
+      new = jnp.maximum(new, _SMALLEST_THRESHOLD).astype(jnp.float32)
+      return where_observed(norm, new, c)
 
     return state.quantile, QuantileTrackerState(jax.tree.map(step, norms, state.quantile))
 
-  def __repr__(self) -> str:
-    return (
-      f"QuantileTracker(target_quantile={self.target_quantile!r}, "
-      f"learning_rate={self.learning_rate!r}, initial_threshold={self.initial_threshold!r}, "
-      f"min_threshold={self.min_threshold!r}, max_threshold={self.max_threshold!r})"
-    )
+  def statistics(self, state: QuantileTrackerState) -> dict[str, Any]:
+    del state  # C is the threshold, which is reported already.
+    return {}

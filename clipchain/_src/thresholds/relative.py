@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -9,6 +11,7 @@ from clipchain._src.thresholds.base import Context, ThresholdPolicy
 from clipchain._src.validation import check_non_negative
 
 
+@dataclasses.dataclass(frozen=True)
 class RelativeToParams(ThresholdPolicy):
   """The threshold ``clipping * max(‖W‖, eps)``, ``‖W‖`` the params measured like the updates.
 
@@ -37,11 +40,12 @@ class RelativeToParams(ThresholdPolicy):
     <https://arxiv.org/abs/2102.06171>`_, 2021
   """
 
-  def __init__(self, clipping, eps=1e-3):
-    check_non_negative("clipping", clipping)
-    check_non_negative("eps", eps)
-    self.clipping = clipping
-    self.eps = eps
+  clipping: float
+  eps: float = 1e-3
+
+  def __post_init__(self):
+    check_non_negative("clipping", self.clipping)
+    check_non_negative("eps", self.eps)
 
   def __call__(self, norms, state, context: Context):
     if context.params is None:
@@ -49,24 +53,25 @@ class RelativeToParams(ThresholdPolicy):
         "RelativeToParams (adaptive gradient clipping, AGC) sets the threshold from the params' "
         "norm and needs the params: call tx.update(updates, state, params)."
       )
-    granularity = context.groups.granularity
-    expected = context.groups.norms
-    got = granularity.groups(context.params).norms
-    if jax.tree.structure(got) != jax.tree.structure(expected) or [
-      x.shape for x in jax.tree.leaves(got)
-    ] != [x.shape for x in jax.tree.leaves(expected)]:
+    granularity = context.granularity
+    expected = context.groups
+    got = granularity.groups(context.params)
+    if (
+      got.names != expected.names
+      or jax.tree.structure(got.norms) != jax.tree.structure(expected.norms)
+      or [x.shape for x in jax.tree.leaves(got.norms)]
+      != [x.shape for x in jax.tree.leaves(expected.norms)]
+    ):
       raise ValueError(
         "RelativeToParams: the params passed to update must have the structure and shapes of the "
         f"updates; at granularity {granularity!r} the updates give norms shaped "
-        f"{jax.tree.map(jnp.shape, expected)} and the params {jax.tree.map(jnp.shape, got)}."
+        f"{jax.tree.map(jnp.shape, expected.norms)} and the params "
+        f"{jax.tree.map(jnp.shape, got.norms)}."
       )
     clipping = jnp.asarray(self.clipping, jnp.float32)
     eps = jnp.asarray(self.eps, jnp.float32)
-    param_norms = granularity.measure(context.params).norms
+    param_norms = granularity.measure(context.params, context.axis_names).norms
     threshold = jax.tree.map(
       lambda p: clipping * jnp.maximum(p.astype(jnp.float32), eps), param_norms
     )
     return threshold, state
-
-  def __repr__(self) -> str:
-    return f"RelativeToParams(clipping={self.clipping!r}, eps={self.eps!r})"

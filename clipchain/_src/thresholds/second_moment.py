@@ -2,42 +2,30 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from clipchain._src import distributed
 from clipchain._src import norms as norms_lib
 from clipchain._src.granularity import Groups
-from clipchain._src.thresholds.base import Context, ThresholdPolicy
-from clipchain._src.validation import check_in_range, check_positive_int
+from clipchain._src.thresholds.base import Context, ThresholdPolicy, map_groups, zeros_like_norms
+from clipchain._src.validation import check_int, check_number
 
 
 class SecondMomentState(NamedTuple):
   """State of :class:`SecondMoment`.
 
   Attributes:
-    moment: ``v``, the EMA of the squared clipped norm of each group: a float32 scalar (global
-      granularity), one per layer (layer granularity), or, with the unit and element
-      granularities, a tuple with one array per leaf of the norms tree (per element: shaped like
-      the gradient).
-    mean_moment: with the unit and element granularities, the mean of ``v`` over every unit or
-      value of the tree, across devices where it is split over them (float32); else ``()``.
+    moment: ``v``, the EMA of the squared clipped norm of each group, a pytree shaped like the
+      norms (per value: shaped like the gradient; float32).
   """
 
   moment: Any
-  mean_moment: jax.Array | tuple[()] = ()
-
-  def report(self) -> dict[str, jax.Array]:
-    """``moment_rms``, ``sqrt(v)``: per layer with the layer granularity; with the unit and
-    element granularities the root of the mean ``v`` over units or values."""
-    if isinstance(self.moment, tuple):
-      return {"moment_rms": norms_lib.safe_sqrt(self.mean_moment)}
-    return {"moment_rms": norms_lib.safe_sqrt(self.moment)}
 
 
+@dataclasses.dataclass(frozen=True)
 class SecondMoment(ThresholdPolicy):
   """SPAM's spike-aware clipping: clip where ``g² > threshold · v``, with ``v`` an EMA of ``g²``.
 
@@ -59,6 +47,12 @@ class SecondMoment(ThresholdPolicy):
   :func:`clipchain.stats` reports is ``+inf``; ``clipped_fraction`` (the fraction of values
   clipped) is the statistic to watch. A step whose tree norm is not finite leaves ``v`` unchanged
   (:func:`clipchain.clip_norm` keeps the policy state).
+
+  Unlike the other adaptive policies, a zero norm does enter ``v``: ``v`` is Adam's second moment,
+  whose definition decays it on a zero gradient, and a decayed ``v`` cannot freeze a group:
+  a value clipped to ``sqrt(threshold · v)`` raises ``v`` by a factor
+  ``beta2 + (1 - beta2) · threshold`` (6 with the defaults) per update until it is no longer
+  clipped.
 
   Memory: per element ``v`` is one float32 array shaped like the gradient, 4 bytes per parameter
   (as Adam's ``nu``; twice the parameters' size in bfloat16). At the other granularities the same
@@ -84,7 +78,7 @@ class SecondMoment(ThresholdPolicy):
     ...   updates, state = tx.update({"w": jnp.array(g)}, state)
     >>> updates["w"]
     Array([ 1.       , -1.4142135], dtype=float32)
-    >>> state.policy_state.moment[0]  # 0.5 * 0.5 + 0.5 * 1 and 0.5 * 0.5 + 0.5 * 2
+    >>> state.policy_state.moment["w"]  # 0.5 * 0.5 + 0.5 * 1 and 0.5 * 0.5 + 0.5 * 2
     Array([0.75, 1.25], dtype=float32)
 
   References:
@@ -92,43 +86,32 @@ class SecondMoment(ThresholdPolicy):
     <https://arxiv.org/abs/2501.06842>`_, 2025
   """
 
-  def __init__(self, threshold: float = 5000.0, beta2: float = 0.999, warmup_steps: int = 19):
-    check_in_range("threshold", threshold, 1.0, math.inf, high_open=True)
-    check_in_range("beta2", beta2, 0.0, 1.0, high_open=True)
-    check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
-    self.threshold = threshold
-    self.beta2 = beta2
-    self.warmup_steps = warmup_steps
+  threshold: float = 5000.0
+  beta2: float = 0.999
+  warmup_steps: int = 19
+
+  def __post_init__(self):
+    check_number("threshold", self.threshold, low=1.0)
+    check_number("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+    check_int("warmup_steps", self.warmup_steps, minimum=0)
 
   def init(self, groups: Groups) -> SecondMomentState:
-    moments = tuple(jnp.zeros(s.shape, jnp.float32) for s in jax.tree.leaves(groups.norms))
-    if groups.granularity.name in ("unit", "element"):
-      return SecondMomentState(moments, jnp.zeros((), jnp.float32))
-    return SecondMomentState(moments[0])
+    return SecondMomentState(zeros_like_norms(groups))
 
   def __call__(self, norms, state: SecondMomentState, context: Context):
-    leaves, treedef = jax.tree.flatten(norms)
-    moments = state.moment if isinstance(state.moment, tuple) else (state.moment,)
     active = context.count >= self.warmup_steps
-    thresholds, new_moments = [], []
-    for norm, v in zip(leaves, moments):
-      norm = jnp.asarray(norm, jnp.float32)
-      limit = jnp.where(active & (v > 0), jnp.sqrt(self.threshold * v), jnp.inf)
-      clipped = jnp.minimum(norm, limit)
-      new_moments.append(self.beta2 * v + (1 - self.beta2) * clipped * clipped)
-      thresholds.append(limit)
-    thresholds = jax.tree.unflatten(treedef, thresholds)
-    if not isinstance(state.moment, tuple):
-      return thresholds, SecondMomentState(new_moments[0])
-    # Averaged here, where the mesh axes are known: the values of a leaf split across devices
-    # differ between them, so a mean taken when the statistics are read would too.
-    axes = context.granularity.axis_names
-    count = sum(distributed.global_size(v, axes) for v in new_moments)
-    total = distributed.total_across([jnp.sum(v) for v in new_moments], new_moments, axes)
-    return thresholds, SecondMomentState(tuple(new_moments), total / max(count, 1))
 
-  def __repr__(self) -> str:
-    return (
-      f"SecondMoment(threshold={self.threshold!r}, beta2={self.beta2!r}, "
-      f"warmup_steps={self.warmup_steps!r})"
-    )
+    def step(norm, v):
+      norm = jnp.asarray(norm, jnp.float32)
+      limited = active & (v > 0)
+      # sqrt of a positive stand-in where there is no limit: no inf or sqrt(0) reaches jax.grad.
+      limit = jnp.where(limited, jnp.sqrt(self.threshold * jnp.where(limited, v, 1.0)), jnp.inf)
+      clipped = jnp.minimum(norm, limit)
+      return limit, self.beta2 * v + (1 - self.beta2) * clipped * clipped
+
+    threshold, moment = map_groups(step, 2, norms, state.moment)
+    return threshold, SecondMomentState(moment)
+
+  def statistics(self, state: SecondMomentState) -> dict[str, Any]:
+    """``moment_rms``, ``sqrt(v)``: per layer, or its mean over units or values."""
+    return {"moment_rms": jax.tree.map(norms_lib.safe_sqrt, state.moment)}
