@@ -129,6 +129,9 @@ class ClipNormState(NamedTuple):
     policy_state: the threshold policy's own state.
     policy_stats: the policy's estimates (``ThresholdPolicy.statistics``) summarised by the
       granularity, by name.
+    settings: records the policy and the groups (their names and shapes) as the key of one int8
+      leaf, so that a checkpoint restored into a transform whose state means something else (a
+      renamed layer mapping, another policy) fails in Orbax, naming both.
     name: the name under which :func:`clipchain.stats` reports (static, not an array).
     layer_names: the name of each layer (static).
     axis_names: the mesh axes norms are summed across (static).
@@ -143,6 +146,7 @@ class ClipNormState(NamedTuple):
   layer_norms: jax.Array | tuple[()]
   policy_state: Any
   policy_stats: dict[str, jax.Array]
+  settings: dict[str, jax.Array]
   name: str = "clip_norm"
   layer_names: tuple[str, ...] = ()
   axis_names: tuple[str, ...] = ()
@@ -247,6 +251,10 @@ def clip_norm(
       # Copies: a summary may be a policy-state array itself, and no two fields may share a
       # buffer (a donated step would donate it twice).
       policy_stats=jax.tree.map(jnp.copy, summaries(policy_state, ())),
+      settings=stats_lib.settings_record(
+        f"{type(policy).__name__}_groups_"
+        + stats_lib.digest(groups.names, jax.tree.map(lambda s: s.shape, groups.norms))
+      ),
       name=name,
       layer_names=groups.names,
       axis_names=axis_names,

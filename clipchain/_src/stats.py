@@ -9,9 +9,11 @@ finds.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from clipchain._src import layers
 
@@ -41,10 +43,25 @@ def register_state(*static_fields: str):
       return cls(**dict(zip(dynamic, children)), **dict(zip(static_fields, aux)))
 
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    cls.array_fields = dynamic
     _REPORTING_TYPES.append(cls)
     return cls
 
   return decorate
+
+
+def settings_record(description: str) -> dict[str, jax.Array]:
+  """A state field that records, as the key of one int8 leaf, what gives the state's arrays their
+  meaning (the layers behind a per-layer vector, the quantities in a history).
+
+  A checkpoint holds the key, so restoring it into a transform built with other settings fails
+  in Orbax with both keys named, instead of silently reinterpreting the arrays."""
+  return {description: jnp.zeros((), jnp.int8)}
+
+
+def digest(*parts) -> str:
+  """A short digest of ``repr(parts)``, the same in every process (unlike ``hash``)."""
+  return hashlib.blake2b(repr(parts).encode(), digest_size=6).hexdigest()
 
 
 def _unwrap(x):
@@ -109,5 +126,11 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     seen[node.name] = k + 1
     used.add(prefix)
     for key, value in node.report().items():
-      out[f"{prefix}/{key}"] = value
+      full = f"{prefix}/{key}"
+      if full in out:
+        raise ValueError(
+          f"two statistics are both named {full!r}; give the transforms names that are not "
+          f"prefixes of one another's statistics (name=...)."
+        )
+      out[full] = value
   return out

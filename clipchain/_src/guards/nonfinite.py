@@ -10,7 +10,6 @@ import optax
 
 from clipchain._src import distributed
 from clipchain._src import stats as stats_lib
-from clipchain._src.clip_norm import keep_dtypes
 from clipchain._src.guards import skipping
 from clipchain._src.validation import check_int, check_name
 
@@ -148,9 +147,7 @@ def skip_nonfinite(
       max_consecutive=state.max_consecutive,
       axis_names=state.axis_names,
     )
-    new_state = new_state._replace(
-      **{f: keep_dtypes(getattr(new_state, f), getattr(state, f)) for f in new_state._fields[1:6]}
-    )
+    new_state = skipping.with_state_dtypes(new_state, state)
     return skipping.select(ok, new_updates, skipping.skip_update(new_updates)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from clipchain._src import distributed, norms
-from clipchain._src.clip_norm import ClipNormState
+from clipchain._src.clip_norm import ClipNormState, keep_dtypes
 
 
 def skip_update(updates):
@@ -58,6 +58,18 @@ def select_state(keep_new: jax.Array, new, old):
     return jnp.where(keep_new, n, o)
 
   return jax.tree.map(pick, new, old, is_leaf=is_guard_state)
+
+
+def with_state_dtypes(new, old):
+  """A guard's new state with its own fields in the dtypes ``init`` gave them (the inner state is
+  the inner transform's to keep)."""
+  return new._replace(
+    **{
+      f: keep_dtypes(getattr(new, f), getattr(old, f))
+      for f in type(new).array_fields
+      if f != "inner_state"
+    }
+  )
 
 
 def input_norm(inner_state, axis_names: tuple[str, ...] = ()) -> jax.Array | None:

@@ -11,7 +11,6 @@ import optax
 
 from clipchain._src import distributed
 from clipchain._src import stats as stats_lib
-from clipchain._src.clip_norm import keep_dtypes
 from clipchain._src.guards import skipping
 from clipchain._src.validation import (
   check_choice,
@@ -39,6 +38,8 @@ class SkipSpikesState(NamedTuple):
       0 until the history is long enough).
     skipped: whether the last step was skipped (bool).
     total_skipped: the number of steps skipped so far (int32).
+    settings: records the watched quantities as the key of one int8 leaf, so that restoring a
+      checkpoint into a guard that watches others fails in Orbax instead of mixing histories.
     name: the name under which :func:`clipchain.stats` reports (static).
     watch: the watched quantities (static).
     axis_names: the mesh axes the guard decides across (static).
@@ -52,6 +53,7 @@ class SkipSpikesState(NamedTuple):
   zscore: jax.Array
   skipped: jax.Array
   total_skipped: jax.Array
+  settings: dict[str, jax.Array]
   name: str = "skip_spikes"
   watch: tuple[str, ...] = ("grad_norm",)
   axis_names: tuple[str, ...] = ()
@@ -161,6 +163,7 @@ def skip_spikes(
       zscore=jnp.zeros((k,), jnp.float32),
       skipped=jnp.zeros((), jnp.bool_),
       total_skipped=jnp.zeros((), jnp.int32),
+      settings=stats_lib.settings_record("watch_" + "_and_".join(watch)),
       name=name,
       watch=watch,
       axis_names=axis_names,
@@ -207,13 +210,12 @@ def skip_spikes(
       zscore=zscore,
       skipped=~ok,
       total_skipped=state.total_skipped + (~ok).astype(jnp.int32),
+      settings=state.settings,
       name=state.name,
       watch=state.watch,
       axis_names=state.axis_names,
     )
-    new_state = new_state._replace(
-      **{f: keep_dtypes(getattr(new_state, f), getattr(state, f)) for f in new_state._fields[1:8]}
-    )
+    new_state = skipping.with_state_dtypes(new_state, state)
     return skipping.select(ok, new_updates, skipping.skip_update(new_updates)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
