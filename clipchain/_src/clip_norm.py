@@ -92,6 +92,13 @@ def keep_dtypes(new, old):
   return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, old)
 
 
+def _broadcasts_to(shape, target) -> bool:
+  try:
+    return jnp.broadcast_shapes(shape, target) == tuple(target)
+  except ValueError:
+    return False
+
+
 def _check_threshold_shapes(policy, threshold, norms) -> None:
   if is_scalar(threshold):
     return
@@ -101,8 +108,7 @@ def _check_threshold_shapes(policy, threshold, norms) -> None:
   except (ValueError, TypeError):
     leaves = None
   if leaves is None or any(
-    jnp.broadcast_shapes(jnp.shape(t), jnp.shape(n)) != jnp.shape(n)
-    for t, n in zip(leaves, jax.tree.leaves(norms))
+    not _broadcasts_to(jnp.shape(t), jnp.shape(n)) for t, n in zip(leaves, jax.tree.leaves(norms))
   ):
     raise ValueError(
       f"{policy!r} returned a threshold shaped {jax.tree.map(jnp.shape, threshold)}; it must be a "

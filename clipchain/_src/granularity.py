@@ -91,7 +91,8 @@ class Summary(NamedTuple):
 
 def is_scalar(values) -> bool:
   """Whether ``values`` is one scalar (a threshold shared by every group) rather than a pytree."""
-  return jax.tree_util.treedef_is_leaf(jax.tree.structure(values)) and jnp.ndim(values) == 0
+  leaves = jax.tree.leaves(values)
+  return len(leaves) == 1 and leaves[0] is values and jnp.ndim(values) == 0
 
 
 def broadcast_like(values, like):

@@ -147,7 +147,6 @@ def skip_nonfinite(
       max_consecutive=state.max_consecutive,
       axis_names=state.axis_names,
     )
-    new_state = skipping.with_state_dtypes(new_state, state)
-    return skipping.select(ok, new_updates, skipping.skip_update(new_updates)), new_state
+    return skipping.decide(ok, new_updates, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -60,16 +60,18 @@ def select_state(keep_new: jax.Array, new, old):
   return jax.tree.map(pick, new, old, is_leaf=is_guard_state)
 
 
-def with_state_dtypes(new, old):
-  """A guard's new state with its own fields in the dtypes ``init`` gave them (the inner state is
-  the inner transform's to keep)."""
-  return new._replace(
+def decide(keep_new: jax.Array, new_updates, new_state, old_state):
+  """What a guard's update returns: the inner updates, or an update that changes nothing, and its
+  new state with its own fields in the dtypes ``init`` gave them (the inner state is the inner
+  transform's to keep)."""
+  new_state = new_state._replace(
     **{
-      f: keep_dtypes(getattr(new, f), getattr(old, f))
-      for f in type(new).array_fields
+      f: keep_dtypes(getattr(new_state, f), getattr(old_state, f))
+      for f in type(new_state).array_fields
       if f != "inner_state"
     }
   )
+  return select(keep_new, new_updates, skip_update(new_updates)), new_state
 
 
 def input_norm(inner_state, axis_names: tuple[str, ...] = ()) -> jax.Array | None:

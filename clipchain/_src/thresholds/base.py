@@ -48,8 +48,15 @@ class EmptyState(NamedTuple):
 
 
 def zeros_like_norms(groups: Groups, dtype=jnp.float32, fill=0, extra_shape=()) -> Any:
-  """A new pytree of arrays shaped like the norms (each ``norm.shape + extra_shape``), filled."""
-  return jax.tree.map(lambda s: jnp.full(s.shape + tuple(extra_shape), fill, dtype), groups.norms)
+  """A new pytree of arrays shaped like the norms (each ``norm.shape + extra_shape``), filled.
+
+  Every array is a new buffer, even where ``fill`` is an array of that shape already (as
+  ``optax.inject_hyperparams`` passes hyperparameters): a state must not alias one array into two
+  fields, or a donated step would donate it twice.
+  """
+  return jax.tree.map(
+    lambda s: jnp.full(s.shape + tuple(extra_shape), fill, dtype).copy(), groups.norms
+  )
 
 
 def map_groups(fn, outputs: int, norms, *states) -> tuple:

@@ -1,0 +1,85 @@
+"""Every public transform, built small, for the tests that must hold for all of them."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import clipchain
+from clipchain import thresholds
+
+# Each preset called with nothing but its required arguments: what optax.inject_hyperparams sees.
+PRESETS = {
+  "clip": (clipchain.clip, (1.0,)),
+  "clip_by_global_norm": (clipchain.clip_by_global_norm, (1.0,)),
+  "clip_by_block_rms": (clipchain.clip_by_block_rms, (1.0,)),
+  "clip_by_layer_norm": (clipchain.clip_by_layer_norm, (1.0,)),
+  "adaptive_grad_clip": (clipchain.adaptive_grad_clip, (0.01,)),
+  "autoclip": (clipchain.autoclip, ()),
+  "zclip": (clipchain.zclip, ()),
+  "quantile_clip": (clipchain.quantile_clip, ()),
+  "adagc": (clipchain.adagc, ()),
+  "spam_clip": (clipchain.spam_clip, ()),
+}
+
+
+def _guarded(*, spikes: bool) -> optax.GradientTransformation:
+  inner = clipchain.skip_nonfinite(
+    optax.chain(clipchain.clip_by_global_norm(1.0), optax.sgd(0.1)), max_consecutive=3
+  )
+  return clipchain.skip_spikes(inner, window=4, min_history=2) if spikes else inner
+
+
+# Every public transform with small warmups and windows, so that a few steps exercise them.
+TRANSFORMS = {
+  "clip": lambda: clipchain.clip(0.5),
+  "clip_by_global_norm": lambda: clipchain.clip_by_global_norm(1.0),
+  "clip_by_block_rms": lambda: clipchain.clip_by_block_rms(0.5),
+  "clip_by_layer_norm": lambda: clipchain.clip_by_layer_norm(1.0, layers="module"),
+  "adaptive_grad_clip": lambda: clipchain.adaptive_grad_clip(0.05),
+  "autoclip": lambda: clipchain.autoclip(50.0, window=4),
+  "autoclip_layer": lambda: clipchain.autoclip(50.0, window=4, granularity="layer"),
+  "zclip": lambda: clipchain.zclip(warmup_steps=2),
+  "zclip_layer": lambda: clipchain.zclip(warmup_steps=2, granularity="layer"),
+  "zclip_unit": lambda: clipchain.zclip(warmup_steps=2, granularity="unit"),
+  "quantile_clip": lambda: clipchain.quantile_clip(initial_threshold=1.0),
+  "quantile_clip_unit": lambda: clipchain.quantile_clip(initial_threshold=1.0, granularity="unit"),
+  "adagc": lambda: clipchain.adagc(warmup_steps=1),
+  "adagc_unit": lambda: clipchain.adagc(warmup_steps=1, granularity="unit"),
+  "spam_clip": lambda: clipchain.spam_clip(warmup_steps=1),
+  "spam_clip_layer": lambda: clipchain.spam_clip(warmup_steps=1, granularity="layer"),
+  "skip_nonfinite": lambda: _guarded(spikes=False),
+  "skip_spikes": lambda: _guarded(spikes=True),
+}
+
+# Every policy, for the grid of policy x granularity.
+POLICIES = {
+  "Fixed": lambda: thresholds.Fixed(1.0),
+  "Scheduled": lambda: thresholds.Scheduled(optax.linear_schedule(2.0, 0.5, 4)),
+  "RelativeToParams": lambda: thresholds.RelativeToParams(0.5),
+  "Percentile": lambda: thresholds.Percentile(50.0, window=3),
+  "ZScore": lambda: thresholds.ZScore(warmup_steps=2, z_thresh=1.0, max_grad_norm=None),
+  "QuantileTracker": lambda: thresholds.QuantileTracker(0.5, 0.3, 1.0),
+  "EMARatio": lambda: thresholds.EMARatio(ratio=1.5, beta=0.5, warmup_steps=1),
+  "SecondMoment": lambda: thresholds.SecondMoment(threshold=2.0, beta2=0.5, warmup_steps=1),
+}
+
+
+def tree(seed: int, scale: float = 1.0, dtype=jnp.float32):
+  """A small Flax-like tree of normal values (a kernel, a bias, a scalar)."""
+  rng = np.random.default_rng(seed)
+  return {
+    "dense": {
+      "kernel": jnp.asarray(scale * rng.normal(size=(3, 4)), dtype),
+      "bias": jnp.asarray(scale * rng.normal(size=(4,)), dtype),
+    },
+    "scale": jnp.asarray(scale * rng.normal(), dtype),
+  }
+
+
+def update(tx, grads, state, params, **extra):
+  """``tx.update`` with the extra ``loss=`` only where the transform takes it."""
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    return tx.update(grads, state, params, **extra)
+  return tx.update(grads, state, params)
