@@ -1,0 +1,30 @@
+"""The worked examples in the docs run as written."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+import types
+
+import pytest
+
+DOCS = pathlib.Path(__file__).parent.parent / "docs"
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def blocks(page: str) -> list[str]:
+  return BLOCK.findall((DOCS / page).read_text())
+
+
+@pytest.mark.parametrize("index", range(len(blocks("extending.md"))))
+def test_extending_examples_run(index, capsys):
+  # Run as a module of its own: dataclasses look their module up in sys.modules.
+  module = types.ModuleType(f"docs_extending_{index}")
+  sys.modules[module.__name__] = module
+  try:
+    code = compile(blocks("extending.md")[index], f"docs/extending.md[{index}]", "exec")
+    exec(code, module.__dict__)
+  finally:
+    del sys.modules[module.__name__]
+  assert capsys.readouterr().out  # each example shows its result
