@@ -8,7 +8,6 @@ the clipped norm. Sequences carry spikes of 10x-100x and non-finite steps.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import chex
@@ -17,7 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from harness import orbax_round_trip
+from harness import (
+  as_tree,
+  at,
+  flat,
+  loop,
+  map_shapes,
+  orbax_round_trip,
+  scan,
+  shape_of,
+  stack,
+  stacked,
+  unstack,
+)
 
 import clipchain
 from clipchain.granularity import Layer, Unit
@@ -32,14 +43,7 @@ PATHS = ("Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel", "no
 RTOL = 1e-5
 
 
-# Sequences: dicts {path: float64 array holding float32 values}, and the same as a stacked tree.
-
-
-def shape_of(path: str):
-  node = SHAPES
-  for key in path.split("/"):
-    node = node[key]
-  return node
+# Sequences: lists of {path: float64 array holding float32 values}.
 
 
 def make_sequence(steps, seed, *, spikes=(), nonfinite=(), scale=0.1, zero=()):
@@ -50,63 +54,23 @@ def make_sequence(steps, seed, *, spikes=(), nonfinite=(), scale=0.1, zero=()):
   seq = []
   for t in range(steps):
     drift = 1.0 + 0.5 * math.sin(t / 15.0)
-    seq.append({p: base[p] * drift * rng.normal(size=shape_of(p)) for p in PATHS})
+    seq.append({p: base[p] * drift * rng.normal(size=shape_of(SHAPES, p)) for p in PATHS})
   for t, paths, factor in spikes:
     for p in paths:
       seq[t][p] = seq[t][p] * factor
   for zero_steps, p in zero:
     for t in zero_steps:
-      seq[t][p] = np.zeros(shape_of(p))
+      seq[t][p] = np.zeros(shape_of(SHAPES, p))
   for t, p, value in nonfinite:
     seq[t][p] = seq[t][p].copy()
     seq[t][p].flat[0] = value
   return [{p: g[p].astype(np.float32).astype(np.float64) for p in PATHS} for g in seq]
 
 
-def nest(flat):
-  out = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = out
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return out
-
-
-def stacked(seq):
-  return nest({p: jnp.asarray(np.stack([g[p] for g in seq]), jnp.float32) for p in PATHS})
-
-
-def flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    out.update(flat(value, path) if isinstance(value, dict) else {path: np.asarray(value)})
-  return out
-
-
-@functools.cache
-def scanner(tx):
-  """``tx`` over a stacked sequence in one jitted ``lax.scan``, compiled once per transform."""
-
-  @jax.jit
-  def scanned(state, grads):
-    def step(state, g):
-      updates, state = tx.update(g, state)
-      return state, (updates, state.threshold, state.policy_state)
-
-    return jax.lax.scan(step, state, grads)
-
-  return scanned
-
-
 def run(tx, seq):
   """Every step's updates, reported thresholds and policy states."""
-  grads = stacked(seq)
-  state = tx.init(jax.tree.map(lambda x: x[0], grads))
-  final, (updates, thresholds, policy) = scanner(tx)(state, grads)
-  return final, flat(updates), np.asarray(thresholds), policy
+  final, updates, states = scan(tx, stacked(seq))
+  return final, flat(updates), np.asarray(states.threshold), states.policy_state
 
 
 # The float64 model of AdaGC.
@@ -263,11 +227,8 @@ def test_warmup_clips_the_global_norm_and_keeps_the_running_minimum_of_clipped_n
     {"a": jnp.array([0.3, 0.4]), "b": jnp.array([0.1])},  # below 1: unclipped
     {"a": jnp.array([6.0, 8.0]), "b": jnp.array([0.0])},  # scaled by 1/10
   ]
-  state = tx.init(grads[0])
-  outputs = []
-  for g in grads:
-    updates, state = tx.update(g, state)
-    outputs.append(updates)
+  outputs, states = loop(tx.update, tx.init(grads[0]), grads)
+  state = states[-1]
   np.testing.assert_allclose(outputs[0]["a"], [0.6, 0.8], rtol=RTOL)
   np.testing.assert_allclose(outputs[1]["a"], [0.3, 0.4], rtol=RTOL)
   np.testing.assert_allclose(outputs[2]["a"], [0.6, 0.8], rtol=RTOL)
@@ -418,19 +379,9 @@ def test_unit_granularity_is_layer_granularity_over_columns():
   policy = EMARatio(ratio=1.2, beta=0.9, warmup_steps=8, warmup_max_norm=2.0)
   unit_tx = clipchain.clip_norm(policy, granularity=Unit())
   layer_tx = clipchain.clip_norm(policy, granularity="layer")
-
-  def scan(tx, grads):
-    def step(state, g):
-      updates, state = tx.update(g, state)
-      return state, updates
-
-    return jax.jit(lambda s: jax.lax.scan(step, s, grads))(
-      tx.init(jax.tree.map(lambda x: x[0], grads))
-    )
-
-  unit_state, unit_updates = scan(unit_tx, {"w": kernels})
+  unit_state, unit_updates, _ = scan(unit_tx, {"w": kernels})
   columns = {f"c{i}": kernels[:, :, i] for i in range(3)}
-  layer_state, layer_updates = scan(layer_tx, columns)
+  layer_state, layer_updates, _ = scan(layer_tx, columns)
   np.testing.assert_allclose(
     unit_updates["w"],
     jnp.stack([layer_updates[f"c{i}"] for i in range(3)], -1),
@@ -452,29 +403,25 @@ def test_scan_vmap_and_a_python_loop_agree():
   tx = clipchain.adagc(warmup_steps=10)
   _, scanned, _, scanned_policy = run(tx, seq)
   update = jax.jit(tx.update)
-  state = tx.init(nest({p: jnp.zeros(shape_of(p)) for p in PATHS}))
-  for t, g in enumerate(seq):
-    updates, state = update(nest({p: jnp.asarray(v, jnp.float32) for p, v in g.items()}), state)
+  looped, states = loop(update, tx.init(map_shapes(jnp.zeros, SHAPES)), map(as_tree, seq))
+  for t, updates in enumerate(looped):
     for p in PATHS:
       np.testing.assert_allclose(flat(updates)[p], scanned[p][t], rtol=1e-6, atol=1e-8)
-  np.testing.assert_allclose(state.policy_state.gamma, scanned_policy.gamma[-1], rtol=1e-6)
+  np.testing.assert_allclose(states[-1].policy_state.gamma, scanned_policy.gamma[-1], rtol=1e-6)
   assert update._cache_size() == 1
 
   others = [make_sequence(40, seed=s, spikes=[(30, PATHS, 50.0)]) for s in (9, 10)]
-  batch = jax.tree.map(lambda *xs: jnp.stack(xs, 1), *[stacked(s) for s in (seq, *others)])
-  states = jax.vmap(tx.init)(jax.tree.map(lambda x: x[0], batch))
+  batch = stack([stacked(s) for s in (seq, *others)], axis=1)
   vupdate = jax.jit(jax.vmap(tx.update))
-  outputs = []
-  for t in range(40):
-    updates, states = vupdate(jax.tree.map(lambda x, t=t: x[t], batch), states)
-    outputs.append(flat(updates))
+  outputs, states = loop(vupdate, jax.vmap(tx.init)(at(batch, 0)), unstack(batch))
+  outputs = [flat(updates) for updates in outputs]
   for b, s in enumerate((seq, *others)):
     _, alone, _, policy = run(tx, s)
     for p in PATHS:
       np.testing.assert_allclose(
         np.stack([o[p][b] for o in outputs]), alone[p], rtol=1e-6, atol=1e-8
       )
-    np.testing.assert_allclose(states.policy_state.gamma[b], policy.gamma[-1], rtol=1e-6)
+    np.testing.assert_allclose(states[-1].policy_state.gamma[b], policy.gamma[-1], rtol=1e-6)
 
 
 def test_bfloat16_updates_keep_their_dtype():
@@ -493,23 +440,21 @@ def test_bfloat16_updates_keep_their_dtype():
 def test_orbax_restores_infinite_and_finite_gamma_bit_exactly(tmp_path):
   seq = make_sequence(20, seed=11, zero=[(range(20), "norm/scale")])
   tx = optax.chain(clipchain.adagc(warmup_steps=5), optax.adam(1e-3))
-  params = nest({p: jnp.zeros(shape_of(p)) for p in PATHS})
+  params = map_shapes(jnp.zeros, SHAPES)
   update = jax.jit(tx.update)
-  grads = [nest({p: jnp.asarray(v, jnp.float32) for p, v in g.items()}) for g in seq]
-  state = tx.init(params)
-  for g in grads[:8]:
-    _, state = update(g, state, params)
+  grads = [as_tree(g) for g in seq]
+  _, states = loop(update, tx.init(params), grads[:8], params)
+  state = states[-1]
   gamma = state[0].policy_state.gamma
   assert np.isinf(gamma[PATHS.index("norm/scale")]) and np.isfinite(gamma[0])
   restored = orbax_round_trip(tmp_path / "state", state)
   chex.assert_trees_all_equal(restored, state)
   assert type(restored[0].policy_state) is type(state[0].policy_state)
-  a, b = state, restored
-  for g in grads[8:]:
-    ua, a = update(g, a, params)
-    ub, b = update(g, b, params)
-    chex.assert_trees_all_equal(ua, ub)
-  chex.assert_trees_all_equal(a, b)
+  # Training on from the restored state repeats, bit for bit, training on from the saved one.
+  ua, a = loop(update, state, grads[8:], params)
+  ub, b = loop(update, restored, grads[8:], params)
+  chex.assert_trees_all_equal(ua, ub)
+  chex.assert_trees_all_equal(a[-1], b[-1])
 
 
 def test_stats_report_gamma_per_layer():

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from harness import map_shapes
 
 import clipchain
 from clipchain.granularity import Element, Global, Layer
@@ -61,12 +62,7 @@ def make_tree(shapes, seed: int, unit_spread: float = 0.0):
       )
     return jnp.asarray(x, jnp.float32)
 
-  def make(node):
-    if isinstance(node, dict):
-      return {k: make(v) for k, v in node.items()}
-    return leaf(node)
-
-  return make(shapes)
+  return map_shapes(leaf, shapes)
 
 
 def make_params_and_grads(shapes, seed: int):

@@ -19,7 +19,7 @@ import optax
 import pytest
 import torch
 from autoclip.torch import QuantileClip
-from harness import orbax_round_trip
+from harness import at, loop, map_shapes, orbax_round_trip, scan, unstack
 
 import clipchain
 from clipchain.granularity import Element, Layer, Unit
@@ -46,24 +46,10 @@ def spiky_sequence(seed: int, steps: int = 90, nonfinite: dict[int, float] | Non
   return {k: v.astype(np.float32) for k, v in seq.items()}
 
 
-def at(seq, t: int):
-  return {k: jnp.asarray(v[t]) for k, v in seq.items()}
-
-
 def run(tx, seq):
   """The clipped updates, statistics and final state of ``tx`` over ``seq``, jitted with
   ``lax.scan``."""
-  first = jax.tree.map(lambda x: x[0], seq)
-
-  @jax.jit
-  def go(seq):
-    def step(state, g):
-      u, state = tx.update(g, state)
-      return state, (u, clipchain.stats(state))
-
-    return jax.lax.scan(step, tx.init(first), seq)
-
-  state, (updates, stats) = go(seq)
+  state, updates, stats = scan(tx, seq, clipchain.stats)
   return jax.tree.map(np.asarray, updates), jax.tree.map(np.asarray, stats), state
 
 
@@ -333,11 +319,11 @@ def test_eager_equals_scan(maybe_jit):
   tx = clipchain.autoclip(30.0, window=5, granularity="layer")
   scanned, stats, _ = run(tx, seq)
   update = maybe_jit(tx.update)
-  state = tx.init(jax.tree.map(lambda x: x[0], seq))
-  for t in range(8):
-    u, state = update(at(seq, t), state)
+  looped, states = loop(update, tx.init(at(seq, 0)), unstack(seq))
+  for t, u in enumerate(looped):
     for k in SHAPES:
       np.testing.assert_allclose(u[k], scanned[k][t], rtol=1e-6)
+  state = states[-1]
   np.testing.assert_array_equal(
     clipchain.stats(state)["autoclip/threshold/c"], stats["autoclip/threshold/c"][-1]
   )
@@ -347,17 +333,9 @@ def test_vmap_over_independent_runs():
   seqs = [spiky_sequence(seed, steps=30) for seed in (6, 7, 8)]
   tx = clipchain.autoclip(20.0, window=8)
   batched = jax.tree.map(lambda *xs: np.stack(xs, 1), *seqs)  # (steps, runs, ...)
-  first = jax.tree.map(lambda x: x[0], batched)
-
-  @jax.jit
-  def go(seq):
-    def step(state, g):
-      u, state = jax.vmap(tx.update)(g, state)
-      return state, u
-
-    return jax.lax.scan(step, jax.vmap(tx.init)(first), seq)[1]
-
-  updates = go(batched)
+  # One scan over the steps, each step updating the three runs at once.
+  runs_tx = optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
+  _, updates, _ = scan(runs_tx, batched)
   for r, seq in enumerate(seqs):
     alone, _, _ = run(tx, seq)
     for k in SHAPES:
@@ -377,12 +355,12 @@ def test_inject_hyperparams_percentile():
 
 def test_in_a_chain_with_stats_shapes():
   tx = optax.chain(clipchain.autoclip(10.0, window=4, granularity="layer"), optax.adam(1e-3))
-  params = jax.tree.map(lambda s: jnp.zeros(s), SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+  params = map_shapes(jnp.zeros, SHAPES)
   state = tx.init(params)
   before = clipchain.stats(state)
   seq = spiky_sequence(9, steps=3)
-  for t in range(3):
-    _, state = tx.update(at(seq, t), state, params)
+  _, states = loop(tx.update, state, unstack(seq), params)
+  state = states[-1]
   after = clipchain.stats(state)
   assert set(before) == set(after)
   assert {"autoclip/history_length/a", "autoclip/threshold/a", "autoclip/norm/c"} <= set(after)
@@ -396,8 +374,7 @@ def test_orbax_round_trip(tmp_path, granularity):
   tx = clipchain.autoclip(10.0, window=6, granularity=granularity)
   seq = spiky_sequence(10, steps=9)
   _, _, state = run(tx, seq)
-  first = jax.tree.map(lambda x: x[0], seq)
-  restored = orbax_round_trip(tmp_path / "state", state, tx.init(first))
+  restored = orbax_round_trip(tmp_path / "state", state, tx.init(at(seq, 0)))
   chex.assert_trees_all_equal(restored, state)
   assert restored.policy_state.history_length.dtype == jnp.int32
   g = jax.tree.map(lambda x: jnp.asarray(3 * x[-1]), seq)

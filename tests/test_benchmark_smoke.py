@@ -5,15 +5,12 @@ import math
 import pathlib
 
 import pytest
-from harness import loaded_script
+from harness import script_fixture
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "clip_step.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-  with loaded_script(_SCRIPT, "clip_step") as module:
-    yield module
+bench = script_fixture(_SCRIPT, "clip_step")
 
 
 @pytest.fixture(scope="module")

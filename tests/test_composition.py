@@ -6,7 +6,6 @@ Each result is checked against clipping by hand (``clip_reference``, NumPy in fl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import chex
 import flax.linen as nn
@@ -18,7 +17,7 @@ import pytest
 from clip_reference import clip_leaves
 from flax import nnx
 from flax.training import train_state
-from harness import orbax_round_trip
+from harness import TransformCase, at, normal_tree, orbax_round_trip, parametrize_cases
 
 import clipchain
 
@@ -26,11 +25,9 @@ LR = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(TransformCase):
   """A transform and how to clip by hand what it clips."""
 
-  id: str
-  make: Callable[[], optax.GradientTransformation]
   kind: str
   threshold: float
   leaf_layer: tuple[int, ...] | None = None
@@ -63,17 +60,13 @@ CASES = [
   ),
 ]
 CASE_BY_ID = {case.id: case for case in CASES}
-all_cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+all_cases = parametrize_cases(CASES)
+SHAPES = {"dense": {"kernel": (3, 4), "bias": (4,)}, "out": {"kernel": (4, 2)}}
 
 
 def make_tree(seed: int, batch: tuple[int, ...] = (), scale: float = 1.0):
   """In leaf order: dense/bias (4,), dense/kernel (3, 4), out/kernel (4, 2)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(*shape):
-    return jnp.asarray(scale * rng.normal(size=batch + shape), jnp.float32)
-
-  return {"dense": {"kernel": leaf(3, 4), "bias": leaf(4)}, "out": {"kernel": leaf(4, 2)}}
+  return normal_tree(SHAPES, seed, scale, batch)
 
 
 def zeros_like_tree():
@@ -180,8 +173,8 @@ def test_vmap(case):
   assert states.name == tx.init(make_tree(0)).name
   stats = clipchain.stats(states)
   for b in range(batch):
-    clipped, ref_stats = case.reference(jax.tree.map(lambda x, b=b: x[b], grads))
-    assert_close(jax.tree.map(lambda x, b=b: x[b], updates), clipped)
+    clipped, ref_stats = case.reference(at(grads, b))
+    assert_close(at(updates, b), clipped)
     for key in ("norm", "clipped_norm", "clipped_fraction"):
       value = next(v for k, v in stats.items() if k.endswith(f"/{key}"))
       assert value.shape == (batch,)

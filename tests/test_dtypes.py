@@ -17,13 +17,9 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from harness import updater
+from harness import norm64, random_tree, updater
 
 import clipchain
-
-
-def norm64(tree) -> float:
-  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
 
 
 def test_5000_bf16_leaves_norm_and_clip():
@@ -127,18 +123,6 @@ PRESETS = {
 SHAPES = {"dense": {"kernel": (8, 4), "bias": (4,)}, "conv": (3, 3, 2, 4), "scale": ()}
 
 
-def random_tree(seed: int, dtypes):
-  """Normal values with spread-out scales, rounded to the dtype ``dtypes(path)`` of each leaf."""
-  rng = np.random.default_rng(seed)
-
-  def make(node, path):
-    if isinstance(node, dict):
-      return {k: make(v, f"{path}/{k}" if path else k) for k, v in node.items()}
-    return jnp.asarray(rng.normal(size=node) * 10.0 ** rng.uniform(-1, 1), dtypes(path))
-
-  return make(SHAPES, "")
-
-
 def as_float32(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
@@ -154,7 +138,7 @@ def assert_close_to_float32_run(out, reference, dtypes_tree):
 @pytest.mark.parametrize("threshold", [0.5, jnp.float32(0.5)], ids=["float", "float32"])
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_bf16_in_bf16_out(name, threshold, maybe_jit):
-  tree = random_tree(seed=3, dtypes=lambda p: jnp.bfloat16)
+  tree = random_tree(SHAPES, 3, jnp.bfloat16)
   out, state = maybe_jit(updater(FACTORIES[name]))(tree, threshold)
   reference, reference_state = updater(FACTORIES[name])(as_float32(tree), 0.5)
   assert_close_to_float32_run(out, reference, tree)
@@ -167,7 +151,7 @@ def test_bf16_in_bf16_out(name, threshold, maybe_jit):
 
 @pytest.mark.parametrize("name", ["global", "unit", "element", "clip_by_block_rms"])
 def test_fp16_in_fp16_out(name, maybe_jit):
-  tree = random_tree(seed=4, dtypes=lambda p: jnp.float16)
+  tree = random_tree(SHAPES, 4, jnp.float16)
   out, _ = maybe_jit(updater(FACTORIES[name]))(tree, 0.5)
   reference, _ = updater(FACTORIES[name])(as_float32(tree), 0.5)
   assert_close_to_float32_run(out, reference, tree)
@@ -180,7 +164,7 @@ def mixed_dtype(path: str):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_inject_hyperparams_mixed_precision(name, maybe_jit):
   preset = PRESETS[name]
-  tree = random_tree(seed=5, dtypes=mixed_dtype)
+  tree = random_tree(SHAPES, 5, mixed_dtype)
   tx = optax.inject_hyperparams(preset)(0.5)
   state = tx.init(tree)
   update = maybe_jit(tx.update)
@@ -196,7 +180,7 @@ def test_inject_hyperparams_mixed_precision(name, maybe_jit):
 
 def test_optax_inject_hyperparams_mixed_precision_is_broken():
   # The contrast: optax's global-norm clip raises, its element and RMS clips return float32.
-  tree = random_tree(seed=5, dtypes=mixed_dtype)
+  tree = random_tree(SHAPES, 5, mixed_dtype)
   tx = optax.inject_hyperparams(optax.clip_by_global_norm)(0.5)
   with pytest.raises(TypeError):
     tx.update(tree, tx.init(tree))

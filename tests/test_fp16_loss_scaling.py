@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 import pytest
-from harness import loaded_script
+from harness import norm64, same_bits, script_fixture
 
 import clipchain
 
@@ -16,10 +16,7 @@ STEPS = 40
 PERIOD = 10
 
 
-@pytest.fixture(scope="module")
-def example():
-  with loaded_script(_SCRIPT, "fp16_loss_scaling") as module:
-    yield module
+example = script_fixture(_SCRIPT, "fp16_loss_scaling")
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +24,6 @@ def history(example):
   # 2**20 overflows the float16 backward pass: the first steps must be skipped until it is small
   # enough.
   return example.train(STEPS, initial_scale=2.0**20, period=PERIOD)
-
-
-def same_bits(a, b) -> bool:
-  return all(
-    np.array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  )
 
 
 def test_overflowing_steps_are_skipped_and_halve_the_scale(history):
@@ -76,24 +66,17 @@ def test_unscale_before_clipping(example):
   )
   assert jmp.all_finite(grads)
   true_grads = loss_scale.unscale(grads)
-  true_norm = float(
-    np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(true_grads)))
-  )
+  true_norm = norm64(true_grads)
 
   def clip(tree, threshold):
     tx = clipchain.clip_by_global_norm(threshold)
     return tx.update(tree, tx.init(tree))[0]
 
-  def norm(tree):
-    return float(
-      np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(tree)))
-    )
-
   for threshold in (true_norm / 2, 2 * true_norm):
     right = clip(true_grads, threshold)  # unscale, then clip
     wrong = loss_scale.unscale(clip(grads, threshold))  # clip, then unscale
-    assert norm(right) == pytest.approx(min(threshold, true_norm), rel=1e-5)
+    assert norm64(right) == pytest.approx(min(threshold, true_norm), rel=1e-5)
     # The scaled norm is always above the threshold, so the wrong order always clips, to
     # threshold / scale: far below both the threshold and the true norm.
-    assert norm(wrong) == pytest.approx(threshold / scale, rel=1e-5)
-    assert norm(wrong) < min(threshold, true_norm) / 100
+    assert norm64(wrong) == pytest.approx(threshold / scale, rel=1e-5)
+    assert norm64(wrong) < min(threshold, true_norm) / 100

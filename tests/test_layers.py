@@ -12,26 +12,24 @@ import numpy as np
 import optax
 import pytest
 from clip_reference import clip_leaves
+from harness import normal_tree
 
 import clipchain
 from clipchain import granularity as gran
+
+SHAPES = {
+  "params": {
+    "Dense_0": {"kernel": (3, 4), "bias": (4,)},
+    "Dense_1": {"kernel": (4, 2), "bias": (2,)},
+    "scale": (1,),
+  }
+}
 
 
 def model_tree():
   """A Flax-like tree; leaves in order: params/Dense_0/{bias,kernel}, params/Dense_1/{bias,kernel},
   params/scale."""
-  rng = np.random.default_rng(0)
-
-  def leaf(*shape):
-    return jnp.asarray(3.0 * rng.normal(size=shape), jnp.float32)
-
-  return {
-    "params": {
-      "Dense_0": {"kernel": leaf(3, 4), "bias": leaf(4)},
-      "Dense_1": {"kernel": leaf(4, 2), "bias": leaf(2)},
-      "scale": leaf(1),
-    }
-  }
+  return normal_tree(SHAPES, 0, scale=3.0)
 
 
 LEAVES = (

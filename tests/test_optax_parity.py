@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from harness import updater
+from harness import random_tree, updater
 
 import clipchain
 
@@ -23,18 +23,6 @@ ATOL = 1e-7
 
 SHAPES = {"dense": {"kernel": (8, 4), "bias": (4,)}, "conv": (3, 3, 2, 4), "scale": ()}
 BATCHED_SHAPES = {"dense": {"kernel": (6, 8, 4), "bias": (6, 4)}, "scale": (6,), "emb": (6, 3, 5)}
-
-
-def random_tree(shapes, seed: int, spread: float = 1.0):
-  """Float32 normal values; each leaf (or each example) scaled by up to 10**spread either way."""
-  rng = np.random.default_rng(seed)
-
-  def make(node):
-    if isinstance(node, dict):
-      return {k: make(v) for k, v in node.items()}
-    return jnp.asarray(rng.normal(size=node) * 10.0 ** rng.uniform(-spread, spread), jnp.float32)
-
-  return make(shapes)
 
 
 def batched_tree(seed: int):

@@ -18,7 +18,17 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from harness import assert_bits_equal, orbax_round_trip
+from harness import (
+  TransformCase,
+  assert_bits_equal,
+  at,
+  loop,
+  normal_tree,
+  orbax_round_trip,
+  parametrize_cases,
+  scan,
+  unstack,
+)
 
 import clipchain
 
@@ -28,11 +38,9 @@ BATCH = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(TransformCase):
   """A clipping transform, the name it reports under and how its threshold is keyed in stats."""
 
-  id: str
-  make: Callable[[], optax.GradientTransformation]
   name: str
   per_layer: bool = False
   stateful: bool = True
@@ -99,21 +107,17 @@ CASES = [
     "adagc_unit",
   ),
 ]
-all_cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+all_cases = parametrize_cases(CASES)
+PARAM_SHAPES = {
+  "params": {
+    "Dense_0": {"kernel": (4, 8), "bias": (8,)},
+    "Dense_1": {"kernel": (8, 3), "bias": (3,)},
+  }
+}
 
 
 def make_params():
-  rng = np.random.default_rng(0)
-
-  def leaf(*shape):
-    return jnp.asarray(rng.normal(size=shape), jnp.float32)
-
-  return {
-    "params": {
-      "Dense_0": {"kernel": leaf(4, 8), "bias": leaf(8)},
-      "Dense_1": {"kernel": leaf(8, 3), "bias": leaf(3)},
-    }
-  }
+  return normal_tree(PARAM_SHAPES, 0)
 
 
 def make_grads(seed: int, steps: int = STEPS, batch: tuple[int, ...] = ()):
@@ -129,10 +133,6 @@ def make_grads(seed: int, steps: int = STEPS, batch: tuple[int, ...] = ()):
     return jnp.asarray(values, jnp.float32)
 
   return jax.tree.map(leaf, make_params())
-
-
-def at(tree, i):
-  return jax.tree.map(lambda x: x[i], tree)
 
 
 def with_value(tree, value: float):
@@ -166,24 +166,19 @@ class Trajectory:
   states: list
   updates: list
 
-  def run(self, state, grads, steps: int):
-    outputs = []
-    for i in range(steps):
-      updates, state = self.update(at(grads, i), state, self.params)
-      outputs.append(updates)
-    return outputs, state
+  def run(self, state, grads):
+    """The updates of every step of the stacked ``grads`` from ``state``, and the last state."""
+    outputs, states = loop(self.update, state, unstack(grads), self.params)
+    return outputs, states[-1]
 
 
 @functools.cache
 def trajectory(case: Case) -> Trajectory:
   """Compiled once per case and shared by the tests: compiling dominates their run time."""
   tx, params, grads = make_tx(case), make_params(), make_grads(0)
-  t = Trajectory(tx, jax.jit(tx.update), params, grads, [tx.init(params)], [])
-  for i in range(STEPS):
-    updates, state = t.update(at(grads, i), t.states[-1], params)
-    t.states.append(state)
-    t.updates.append(updates)
-  return t
+  update, state = jax.jit(tx.update), tx.init(params)
+  updates, states = loop(update, state, unstack(grads), params)
+  return Trajectory(tx, update, params, grads, [state, *states], updates)
 
 
 @all_cases
@@ -203,7 +198,7 @@ def test_orbax_round_trip_is_bit_exact_and_training_continues_identically(case, 
   assert clip_state(restored).layer_names == clip_state(state).layer_names
   assert type(clip_state(restored).policy_state) is type(clip_state(state).policy_state)
   rest = jax.tree.map(lambda x: x[7:], t.grads)
-  updates, final = t.run(restored, rest, STEPS - 7)
+  updates, final = t.run(restored, rest)
   assert_bits_equal(updates, t.updates[7:])
   assert_bits_equal(final, t.states[-1])
 
@@ -264,14 +259,12 @@ def test_vmap_of_update_matches_each_sequence(case):
   params = jax.tree.map(lambda x: jnp.stack([x] * BATCH), t.params)
   states = jax.vmap(t.tx.init)(params)
   update = jax.jit(jax.vmap(t.tx.update))
-  batched = []
-  for i in range(STEPS):
-    updates, states = update(at(grads, i), states, params)
-    batched.append(updates)
+  batched, states = loop(update, states, unstack(grads), params)
+  states = states[-1]
   # The first sequence is the trajectory's own; the other two differ from it and from each other.
   for b in range(BATCH):
     sequence = jax.tree.map(operator.itemgetter((slice(None), b)), grads)
-    alone, state = t.run(t.states[0], sequence, STEPS)
+    alone, state = t.run(t.states[0], sequence)
     chex.assert_trees_all_close([at(u, b) for u in batched], alone, rtol=1e-5, atol=1e-7)
     chex.assert_trees_all_close(at(states, b), state, rtol=1e-5, atol=1e-7)
 
@@ -279,16 +272,7 @@ def test_vmap_of_update_matches_each_sequence(case):
 @all_cases
 def test_lax_scan_matches_a_python_loop(case):
   t = trajectory(case)
-
-  @jax.jit
-  def scanned(state):
-    def step(state, g):
-      updates, state = t.tx.update(g, state, t.params)
-      return state, updates
-
-    return jax.lax.scan(step, state, t.grads)
-
-  state, updates = scanned(t.states[0])
+  state, updates, _ = scan(t.tx, t.grads, params=t.params)
   chex.assert_trees_all_close(
     [at(updates, i) for i in range(STEPS)], t.updates, rtol=1e-5, atol=1e-7
   )

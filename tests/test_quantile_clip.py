@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from harness import orbax_round_trip
+from harness import at, loop, orbax_round_trip, scan, stack
 
 import clipchain
 from clipchain.thresholds import QuantileTracker
@@ -93,13 +93,8 @@ def reference_run(seq, granularity, q, lr, c0, lo=None, hi=None):
 
 def run(tx, seq):
   """Step by step with one jitted update: the updates and state after each step."""
-  update = jax.jit(tx.update)
-  state = tx.init(seq[0])
-  results = []
-  for tree in seq:
-    updates, state = update(tree, state)
-    results.append((updates, state))
-  return results
+  updates, states = loop(jax.jit(tx.update), tx.init(seq[0]), seq)
+  return list(zip(updates, states))
 
 
 def flat(tree) -> np.ndarray:
@@ -184,12 +179,8 @@ def test_converges_to_the_target_quantile(target):
   grads = {"g": jnp.asarray(norms[:, None] * np.array([0.6, -0.8], np.float32))}
   tx = clipchain.quantile_clip(target, learning_rate=0.05, initial_threshold=0.1)
 
-  def step(state, g):
-    _, state = tx.update(g, state)
-    return state, (state.threshold, state.clipped_fraction)
-
-  init = tx.init(jax.tree.map(lambda x: x[0], grads))
-  _, (thresholds, clipped) = jax.jit(lambda s, g: jax.lax.scan(step, s, g))(init, grads)
+  _, _, states = scan(tx, grads)
+  thresholds, clipped = states.threshold, states.clipped_fraction
   true_quantile = np.exp(0.5 * {0.5: 0.0, 0.9: 1.2815516}[target])
   settled = np.asarray(thresholds[burn_in:])
   assert np.median(settled) == pytest.approx(true_quantile, rel=0.05)
@@ -272,24 +263,17 @@ def test_scan_and_vmap_match_the_step_by_step_run():
   seq = gradient_sequence(seed=7, steps=30)
   tx = clipchain.quantile_clip(granularity="layer")
   looped = run(tx, seq)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *seq)
-
-  def step(state, g):
-    updates, state = tx.update(g, state)
-    return state, (updates, state.policy_state.quantile)
-
-  _, (updates, quantiles) = jax.lax.scan(step, tx.init(seq[0]), stacked)
+  _, updates, states = scan(tx, stack(seq))
+  quantiles = states.policy_state.quantile
   for t, (u, s) in enumerate(looped):
-    chex.assert_trees_all_close(jax.tree.map(lambda x, t=t: x[t], updates), u, rtol=1e-6)
+    chex.assert_trees_all_close(at(updates, t), u, rtol=1e-6)
     np.testing.assert_allclose(quantiles[t], s.policy_state.quantile, rtol=1e-6)
 
   # vmap over three independent streams: each tracks on its own.
   streams = [seq[:10], seq[10:20], seq[20:]]
-  batched = [jax.tree.map(lambda *xs: jnp.stack(xs), *steps) for steps in zip(*streams)]
-  state = jax.vmap(tx.init)(batched[0])
-  update = jax.jit(jax.vmap(tx.update))
-  for g in batched:
-    _, state = update(g, state)
+  batched = [stack(steps) for steps in zip(*streams)]
+  _, states = loop(jax.jit(jax.vmap(tx.update)), jax.vmap(tx.init)(batched[0]), batched)
+  state = states[-1]
   for i, stream in enumerate(streams):
     expected = run(tx, stream)[-1][1].policy_state.quantile
     np.testing.assert_allclose(state.policy_state.quantile[i], expected, rtol=1e-6)
@@ -298,12 +282,9 @@ def test_scan_and_vmap_match_the_step_by_step_run():
 def test_inject_hyperparams_matches():
   seq = gradient_sequence(seed=8, steps=20)
   injected = optax.inject_hyperparams(clipchain.quantile_clip)(0.7, 0.3, 0.5)
-  update = jax.jit(injected.update)
-  state = injected.init(seq[0])
-  for (expected_updates, expected_state), g in zip(
-    run(clipchain.quantile_clip(0.7, 0.3, 0.5), seq), seq
-  ):
-    updates, state = update(g, state)
+  looped = loop(jax.jit(injected.update), injected.init(seq[0]), seq)
+  expected = run(clipchain.quantile_clip(0.7, 0.3, 0.5), seq)
+  for updates, state, (expected_updates, expected_state) in zip(*looped, expected):
     chex.assert_trees_all_close(updates, expected_updates, rtol=1e-6)
     np.testing.assert_allclose(
       state.inner_state.policy_state.quantile, expected_state.policy_state.quantile, rtol=1e-6
@@ -314,9 +295,8 @@ def test_orbax_round_trip(tmp_path):
   seq = gradient_sequence(seed=9, steps=5)
   tx = optax.chain(clipchain.quantile_clip(granularity="unit"), optax.sgd(0.1))
   params = jax.tree.map(jnp.zeros_like, seq[0])
-  state = tx.init(params)
-  for g in seq[:4]:
-    _, state = tx.update(g, state, params)
+  _, states = loop(tx.update, tx.init(params), seq[:4], params)
+  state = states[-1]
   restored = orbax_round_trip(tmp_path / "state", state, tx.init(params))
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):

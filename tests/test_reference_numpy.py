@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from harness import updater
+from harness import random_tree, updater
 
 import clipchain
 from clipchain.granularity import Layer, Unit
@@ -49,18 +49,6 @@ MODULE_SHAPES = {
   "LayerNorm_0": {"scale": (5,), "bias": (5,)},
   "temperature": (),
 }
-
-
-def random_tree(shapes, seed: int):
-  """Float32 normal values, each leaf scaled by its own power of ten so that norms spread."""
-  rng = np.random.default_rng(seed)
-
-  def make(node):
-    if isinstance(node, dict):
-      return {k: make(v) for k, v in node.items()}
-    return (rng.normal(size=node) * 10.0 ** rng.uniform(-1.0, 1.0)).astype(np.float32)
-
-  return make(shapes)
 
 
 def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:

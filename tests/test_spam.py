@@ -9,7 +9,6 @@ clipped ``g``; nothing is clipped during the warmup. Sequences carry single-valu
 
 from __future__ import annotations
 
-import functools
 import math
 
 import chex
@@ -18,7 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from harness import orbax_round_trip
+from harness import (
+  as_tree,
+  at,
+  flat,
+  loop,
+  map_shapes,
+  orbax_round_trip,
+  scan,
+  shape_of,
+  stack,
+  stacked,
+  unstack,
+)
 
 import clipchain
 from clipchain.thresholds import SecondMoment
@@ -28,32 +39,6 @@ PATHS = ("Dense_0/bias", "Dense_0/kernel", "head/kernel")
 RTOL = 1e-5
 
 
-def shape_of(path: str):
-  node = SHAPES
-  for key in path.split("/"):
-    node = node[key]
-  return node
-
-
-def nest(flat):
-  out = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = out
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return out
-
-
-def flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    out.update(flat(value, path) if isinstance(value, dict) else {path: np.asarray(value)})
-  return out
-
-
 def make_sequence(steps, seed, *, spikes=(), leaf_spikes=(), nonfinite=(), zero=()):
   """Random gradients, each leaf at its own scale; ``spikes``: ``(step, path, index, factor)``
   on one value; ``leaf_spikes``: ``(step, path, factor)``; ``nonfinite``: ``(step, path, value)``;
@@ -61,7 +46,10 @@ def make_sequence(steps, seed, *, spikes=(), leaf_spikes=(), nonfinite=(), zero=
   rng = np.random.default_rng(seed)
   base = {p: 10 ** rng.uniform(-1.0, 1.0) for p in PATHS}
   seq = [
-    {p: base[p] * (1.0 + 0.3 * math.sin(t / 10.0)) * rng.normal(size=shape_of(p)) for p in PATHS}
+    {
+      p: base[p] * (1.0 + 0.3 * math.sin(t / 10.0)) * rng.normal(size=shape_of(SHAPES, p))
+      for p in PATHS
+    }
     for t in range(steps)
   ]
   for t, p, index, factor in spikes:
@@ -76,31 +64,12 @@ def make_sequence(steps, seed, *, spikes=(), leaf_spikes=(), nonfinite=(), zero=
   return [{p: g[p].astype(np.float32).astype(np.float64) for p in PATHS} for g in seq]
 
 
-def stacked(seq):
-  return nest({p: jnp.asarray(np.stack([g[p] for g in seq]), jnp.float32) for p in PATHS})
-
-
-@functools.cache
-def scanner(tx):
-  @jax.jit
-  def scanned(state, grads):
-    def step(state, g):
-      updates, state = tx.update(g, state)
-      return state, (updates, state.policy_state, state.clipped_fraction, state.threshold)
-
-    return jax.lax.scan(step, state, grads)
-
-  return scanned
-
-
 def run(tx, seq, *, with_thresholds=False):
   """Every step's updates, policy states and clipped fractions (and reported thresholds), from
   one jitted ``lax.scan``."""
-  grads = stacked(seq)
-  state = tx.init(jax.tree.map(lambda x: x[0], grads))
-  final, (updates, policy, fraction, thresholds) = scanner(tx)(state, grads)
-  out = final, flat(updates), policy, np.asarray(fraction)
-  return (*out, np.asarray(thresholds)) if with_thresholds else out
+  final, updates, states = scan(tx, stacked(seq))
+  out = final, flat(updates), states.policy_state, np.asarray(states.clipped_fraction)
+  return (*out, np.asarray(states.threshold)) if with_thresholds else out
 
 
 def moments_by_path(policy_state):
@@ -114,7 +83,7 @@ def spam_reference(seq, *, threshold, beta2, warmup_steps, clip_at_zero_v=False)
   A value whose ``v`` is 0 has no limit, as in clipchain; the SPAM optimizer clips it to 0
   (``clip_at_zero_v=True``), which only matters for values that were exactly 0 at every step or
   without a warmup."""
-  v = {p: np.zeros(shape_of(p)) for p in PATHS}
+  v = {p: np.zeros(shape_of(SHAPES, p)) for p in PATHS}
   outs, moments, masks = [], [], []
   for t, g in enumerate(seq):
     if not all(np.isfinite(x).all() for x in g.values()):
@@ -141,7 +110,7 @@ def spam_reference(seq, *, threshold, beta2, warmup_steps, clip_at_zero_v=False)
 
 def check_against(seq, reference, updates, moments, fractions, *, threshold, warmup_steps):
   outs, ref_moments, masks = reference
-  size = sum(math.prod(shape_of(p)) for p in PATHS)
+  size = sum(math.prod(shape_of(SHAPES, p)) for p in PATHS)
   for t in range(len(seq)):
     for p in PATHS:
       np.testing.assert_allclose(moments[p][t], ref_moments[t][p], rtol=RTOL, err_msg=f"{t} {p}")
@@ -151,7 +120,7 @@ def check_against(seq, reference, updates, moments, fractions, *, threshold, war
     for p in PATHS:
       np.testing.assert_allclose(updates[p][t], outs[t][p], rtol=RTOL, atol=0, err_msg=f"{t} {p}")
       clipped = updates[p][t] != seq[t][p].astype(np.float32)
-      previous = ref_moments[t - 1][p] if t else np.zeros(shape_of(p))
+      previous = ref_moments[t - 1][p] if t else np.zeros(shape_of(SHAPES, p))
       # Values within float32 rounding of the threshold may go either way.
       with np.errstate(divide="ignore", invalid="ignore"):
         decided = np.abs(seq[t][p] ** 2 / (threshold * previous) - 1) > 1e-4
@@ -265,16 +234,11 @@ def test_a_value_with_no_second_moment_is_not_clipped():
 def test_v_is_adams_second_moment_when_chained_before_adam():
   seq = make_sequence(50, seed=5, spikes=SPIKES[:1], leaf_spikes=[(40, "Dense_0/bias", 100.0)])
   tx = optax.chain(clipchain.spam_clip(beta2=0.95, warmup_steps=5), optax.adam(1e-3, b2=0.95))
-  params = nest({p: jnp.zeros(shape_of(p)) for p in PATHS})
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  clipped = 0
-  for g in seq:
-    _, state = update(nest({p: jnp.asarray(x, jnp.float32) for p, x in g.items()}), state, params)
-    moment = state[0].policy_state.moment
-    chex.assert_trees_all_close(moment, state[1][0].nu, rtol=1e-6)
-    clipped += float(state[0].clipped_fraction) > 0
-  assert clipped >= 2
+  params = map_shapes(jnp.zeros, SHAPES)
+  _, states = loop(jax.jit(tx.update), tx.init(params), map(as_tree, seq), params)
+  for state in states:
+    chex.assert_trees_all_close(state[0].policy_state.moment, state[1][0].nu, rtol=1e-6)
+  assert sum(float(state[0].clipped_fraction) > 0 for state in states) >= 2
 
 
 @pytest.mark.parametrize("granularity", ["global", "layer"])
@@ -317,12 +281,12 @@ def test_bfloat16_gradients_keep_their_dtype():
   seq = make_sequence(25, seed=7, spikes=[(22, "head/kernel", 4, 1000.0)])
   tx = clipchain.spam_clip()
   update = jax.jit(tx.update)
-  grads = [nest({p: jnp.asarray(x, jnp.bfloat16) for p, x in g.items()}) for g in seq]
-  state = tx.init(grads[0])
-  for g in grads:
-    updates, state = update(g, state)
+  grads = [as_tree(g, jnp.bfloat16) for g in seq]
+  outputs, states = loop(update, tx.init(grads[0]), grads)
+  for updates, g in zip(outputs, grads):
     chex.assert_trees_all_equal_dtypes(updates, g)
-  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.policy_state.moment))
+  updates = outputs[-1]
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(states[-1].policy_state.moment))
   # The spike is clipped to sqrt(5000 * v), v computed in float32 from the bfloat16 values.
   bf16 = [{p: np.asarray(flat(g)[p], np.float64) for p in PATHS} for g in grads]
   reference = spam_reference(bf16, threshold=5000.0, beta2=0.999, warmup_steps=19)
@@ -340,24 +304,20 @@ def test_scan_vmap_and_a_python_loop_agree():
   tx = clipchain.spam_clip(warmup_steps=5)
   _, scanned, scanned_policy, _ = run(tx, seq)
   update = jax.jit(tx.update)
-  state = tx.init(nest({p: jnp.zeros(shape_of(p)) for p in PATHS}))
-  for t, g in enumerate(seq):
-    updates, state = update(nest({p: jnp.asarray(x, jnp.float32) for p, x in g.items()}), state)
+  looped, states = loop(update, tx.init(map_shapes(jnp.zeros, SHAPES)), map(as_tree, seq))
+  for t, updates in enumerate(looped):
     for p in PATHS:
       np.testing.assert_allclose(flat(updates)[p], scanned[p][t], rtol=1e-6, atol=1e-8)
   chex.assert_trees_all_close(
-    state.policy_state.moment, jax.tree.map(lambda x: x[-1], scanned_policy.moment), rtol=1e-6
+    states[-1].policy_state.moment, at(scanned_policy.moment, -1), rtol=1e-6
   )
   assert update._cache_size() == 1
 
   other = make_sequence(30, seed=9, spikes=[(20, "Dense_0/bias", 0, 500.0)])
-  batch = jax.tree.map(lambda a, b: jnp.stack([a, b], 1), stacked(seq), stacked(other))
-  states = jax.vmap(tx.init)(jax.tree.map(lambda x: x[0], batch))
+  batch = stack([stacked(seq), stacked(other)], axis=1)
   vupdate = jax.jit(jax.vmap(tx.update))
-  outputs = []
-  for t in range(30):
-    updates, states = vupdate(jax.tree.map(lambda x, t=t: x[t], batch), states)
-    outputs.append(flat(updates))
+  outputs, states = loop(vupdate, jax.vmap(tx.init)(at(batch, 0)), unstack(batch))
+  outputs = [flat(updates) for updates in outputs]
   for b, s in enumerate((seq, other)):
     _, alone, policy, _ = run(tx, s)
     for p in PATHS:
@@ -365,46 +325,40 @@ def test_scan_vmap_and_a_python_loop_agree():
         np.stack([o[p][b] for o in outputs]), alone[p], rtol=1e-6, atol=1e-8
       )
     chex.assert_trees_all_close(
-      jax.tree.map(lambda x, b=b: x[b], states.policy_state.moment),
-      jax.tree.map(lambda x: x[-1], policy.moment),
-      rtol=1e-6,
+      at(states[-1].policy_state.moment, b), at(policy.moment, -1), rtol=1e-6
     )
 
 
 def test_orbax_round_trip_is_bit_exact(tmp_path):
   seq = make_sequence(30, seed=10, spikes=[(25, "head/kernel", 3, 1000.0)])
   tx = optax.chain(clipchain.spam_clip(warmup_steps=5), optax.adam(1e-3))
-  params = nest({p: jnp.zeros(shape_of(p)) for p in PATHS})
-  grads = [nest({p: jnp.asarray(x, jnp.float32) for p, x in g.items()}) for g in seq]
+  params = map_shapes(jnp.zeros, SHAPES)
+  grads = [as_tree(g) for g in seq]
   update = jax.jit(tx.update)
-  state = tx.init(params)
-  for g in grads[:10]:
-    _, state = update(g, state, params)
+  _, states = loop(update, tx.init(params), grads[:10], params)
+  state = states[-1]
   restored = orbax_round_trip(tmp_path / "state", state)
   chex.assert_trees_all_equal(restored, state)
   assert type(restored[0].policy_state) is type(state[0].policy_state)
-  a, b = state, restored
-  clipped = 0
-  for g in grads[10:]:
-    ua, a = update(g, a, params)
-    ub, b = update(g, b, params)
-    chex.assert_trees_all_equal(ua, ub)
-    clipped += float(b[0].clipped_fraction) > 0
-  chex.assert_trees_all_equal(a, b)
-  assert clipped >= 1  # the spike at step 25
+  # Training on from the restored state repeats, bit for bit, training on from the saved one.
+  ua, a = loop(update, state, grads[10:], params)
+  ub, b = loop(update, restored, grads[10:], params)
+  chex.assert_trees_all_equal(ua, ub)
+  chex.assert_trees_all_equal(a[-1], b[-1])
+  assert sum(float(s[0].clipped_fraction) > 0 for s in b) >= 1  # the spike at step 25
 
 
 def test_stats_report_the_moment_rms_and_the_clipped_fraction():
   seq = make_sequence(25, seed=11, spikes=[(24, "head/kernel", 0, 1000.0)])
   final, _, _, fractions = run(clipchain.spam_clip(name="spam"), seq)
   stats = clipchain.stats(final)
-  size = sum(math.prod(shape_of(p)) for p in PATHS)
+  size = sum(math.prod(shape_of(SHAPES, p)) for p in PATHS)
   assert stats["spam/clipped_fraction"] == fractions[-1] == pytest.approx(1 / size)
   v = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final.policy_state.moment)])
   np.testing.assert_allclose(stats["spam/moment_rms"], np.sqrt(v).mean(), rtol=RTOL)
   assert np.isfinite(stats["spam/threshold"])
   layer = clipchain.clip_norm(SecondMoment(), granularity="layer", name="lay")
-  state = layer.init(nest({p: jnp.zeros(shape_of(p)) for p in PATHS}))
+  state = layer.init(map_shapes(jnp.zeros, SHAPES))
   assert set(clipchain.stats(state)) >= {f"lay/moment_rms/{p}" for p in PATHS}
 
 

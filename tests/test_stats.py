@@ -8,22 +8,18 @@ import numpy as np
 import optax
 import pytest
 from clip_reference import clip_leaves
+from harness import normal_tree
 
 import clipchain
 
 SCALAR_KEYS = ("norm", "clipped_norm", "clipped_fraction")
 
+SHAPES = {"a": {"w": (3, 5), "b": (5,)}, "c": (4, 2)}
+
 
 def make_grads(seed: int = 0, scale: float = 1.0):
   """Leaves in ``jax.tree.leaves`` order: a/b (5,), a/w (3, 5), c (4, 2)."""
-  rng = np.random.default_rng(seed)
-  return {
-    "a": {
-      "w": jnp.asarray(scale * rng.normal(size=(3, 5)), jnp.float32),
-      "b": jnp.asarray(scale * rng.normal(size=(5,)), jnp.float32),
-    },
-    "c": jnp.asarray(scale * rng.normal(size=(4, 2)), jnp.float32),
-  }
+  return normal_tree(SHAPES, seed, scale)
 
 
 LEAF_PATHS = ("a/b", "a/w", "c")

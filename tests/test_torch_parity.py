@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from harness import updater
+from harness import norm64, updater
 
 import clipchain
 
@@ -41,7 +41,7 @@ def clip_by_global_norm_named(c):
 @pytest.mark.parametrize("fraction", [0.01, 0.5, 0.999, 2.0])
 def test_clip_by_global_norm_matches_clip_grad_norm(fraction, seed, maybe_jit):
   leaves = random_leaves(seed)
-  exact = float(np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in leaves)))
+  exact = norm64(leaves)
   max_norm = fraction * exact
   params = torch_params(leaves)
   torch_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -56,7 +56,7 @@ def test_clip_by_global_norm_matches_clip_grad_norm(fraction, seed, maybe_jit):
   stats = clipchain.stats(state)
   np.testing.assert_allclose(float(stats["clip/norm"]), torch_norm, rtol=1e-6)
   np.testing.assert_allclose(float(stats["clip/norm"]), exact, rtol=1e-6)
-  torch_clipped = np.sqrt(sum(np.sum(w.astype(np.float64) ** 2) for w in expected))
+  torch_clipped = norm64(expected)
   np.testing.assert_allclose(float(stats["clip/clipped_norm"]), torch_clipped, rtol=1e-5)
   assert float(stats["clip/clipped_fraction"]) == float(fraction < 1)
   if fraction > 1:  # both leave the gradients untouched

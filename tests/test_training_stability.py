@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
+from harness import TransformCase, parametrize_cases
 
 import clipchain
 
@@ -91,9 +90,9 @@ def train(clip: optax.GradientTransformation | None, name: str | None = None):
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-  id: str
-  make: Callable[[], optax.GradientTransformation]
+class Case(TransformCase):
+  """A clipping transform and the name it reports under."""
+
   name: str
 
 
@@ -131,7 +130,7 @@ def test_unclipped_training_diverges_at_the_first_outlier_batch():
   assert not np.isfinite(losses[-1])
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@parametrize_cases(CASES)
 def test_clipped_training_is_stable(case):
   initial, losses, fractions = train(case.make(), case.name)
   assert np.all(np.isfinite(losses)), np.flatnonzero(~np.isfinite(losses))[:5]

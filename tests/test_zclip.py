@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from harness import at, map_shapes, scan, scanner, stack
 from zclip import ZClip
 
 import clipchain
@@ -45,10 +46,6 @@ def make_grads(seed: int = 0, steps: int = STEPS, shapes=SHAPES):
     return values.astype(np.float32)
 
   return jax.tree.map(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def at(tree, i):
-  return jax.tree.map(lambda x: x[i], tree)
 
 
 class Model(torch.nn.Module):
@@ -96,22 +93,6 @@ def run_reference(sequence, **kwargs):
 
 def sequence_of(grads, steps):
   return [[np.asarray(x) for x in jax.tree.leaves(at(grads, i))] for i in range(steps)]
-
-
-def run_scan(tx, grads):
-  """Runs ``tx`` over the stacked ``grads`` in one jitted ``lax.scan``; per-step updates and
-  states, stacked."""
-
-  def step(state, g):
-    updates, state = tx.update(g, state)
-    return state, (updates, state)
-
-  @jax.jit
-  def run(grads):
-    _, (updates, states) = jax.lax.scan(step, tx.init(at(grads, 0)), grads)
-    return updates, states
-
-  return run(grads)
 
 
 def assert_matches_reference(updates, states, ref_grads, ref, warmup_steps, layer=""):
@@ -174,7 +155,7 @@ CONFIGS = [
 def test_matches_reference_step_by_step(kwargs):
   grads = make_grads(0)
   ref_grads, ref = run_reference(sequence_of(grads, STEPS), **kwargs)
-  updates, states = run_scan(clipchain.zclip(**kwargs), grads)
+  _, updates, states = scan(clipchain.zclip(**kwargs), grads)
   warmup_steps = kwargs.get("warmup_steps", 25)
   assert_matches_reference(updates, states, ref_grads, ref, warmup_steps)
   # The sequence exercises what it should: spikes and normal steps after the warmup, and (with
@@ -218,7 +199,6 @@ def test_non_finite_steps_are_skipped_as_if_absent():
       outputs.append(updates)
       states.append(new_state)
     state = new_state
-  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
   assert_matches_reference(stack(outputs), stack(states), ref_grads, ref, 25)
   assert int(state.policy_state.warmup_remaining) == 0 and int(state.count) == steps
 
@@ -238,7 +218,7 @@ def test_per_layer_matches_one_reference_per_layer(layers, kwargs):
   # Layers a decade apart, so that a shared statistic could not pass for per-layer ones.
   grads["out"] = jax.tree.map(lambda x: 10.0 * x, grads["out"])
   granularity = Layer(layers) if layers else "layer"
-  updates, states = run_scan(clipchain.zclip(**kwargs, granularity=granularity), grads)
+  _, updates, states = scan(clipchain.zclip(**kwargs, granularity=granularity), grads)
   names = states.layer_names
   if layers == "module":
     members = {"dense": ["dense/bias", "dense/kernel"], "out": ["out/kernel"]}
@@ -266,7 +246,7 @@ def test_per_unit_is_one_zclip_per_unit():
   steps = 80
   grads = make_grads(2, steps, shapes=shapes)
   kwargs = dict(warmup_steps=8, max_grad_norm=2.0)
-  updates, states = run_scan(clipchain.zclip(**kwargs, granularity="unit"), grads)
+  _, updates, states = scan(clipchain.zclip(**kwargs, granularity="unit"), grads)
   # Flax layout: the bias is one unit; each column of the kernel is one.
   units = [(lambda g: g["b"], lambda u: u["b"])] + [
     (lambda g, j=j: g["k"][:, :, j], lambda u, j=j: u["k"][:, :, j]) for j in range(3)
@@ -290,20 +270,18 @@ def test_per_unit_is_one_zclip_per_unit():
 
 def test_vmap_over_independent_runs():
   seeds = (4, 5, 6)
-  batch = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *[make_grads(s, 60) for s in seeds])
+  batch = stack([make_grads(s, 60) for s in seeds], axis=1)
   tx = clipchain.zclip(warmup_steps=10, mode="percentile")
 
   def run(grads):
-    def step(state, g):
-      updates, state = tx.update(g, state)
-      return state, (updates, state.policy_state.mean)
-
-    return jax.lax.scan(step, tx.init(at(grads, 0)), grads)[1]
+    """Per step: the updates and the mean of the norms."""
+    _, (updates, states) = scanner(tx)(grads)
+    return updates, states.policy_state.mean
 
   updates, means = jax.jit(jax.vmap(run, in_axes=1, out_axes=1))(batch)
   for i in range(len(seeds)):
     one = jax.tree.map(lambda x, i=i: x[:, i], batch)
-    want_updates, want_means = jax.jit(run)(one)
+    want_updates, want_means = run(one)
     np.testing.assert_allclose(means[:, i], want_means, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(want_updates)):
       np.testing.assert_allclose(got[:, i], want, rtol=1e-6, atol=1e-8)
@@ -325,7 +303,7 @@ def test_eager_equals_jit():
 
 def test_state_shapes_and_report():
   tx = clipchain.zclip(warmup_steps=4, granularity="layer")
-  params = jax.tree.map(jnp.zeros, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+  params = map_shapes(jnp.zeros, SHAPES)
   state = tx.init(params)
   policy = state.policy_state
   assert policy.mean.shape == policy.var.shape == policy.z.shape == (4,)
@@ -345,7 +323,7 @@ def test_state_shapes_and_report():
 
 def test_preset_equals_policy():
   grads = make_grads(8, 50)
-  a = run_scan(clipchain.zclip(0.9, 2.0, 1.5, 1e-6, 12, "zscore", "mean", 1.0, True), grads)
+  a = scan(clipchain.zclip(0.9, 2.0, 1.5, 1e-6, 12, "zscore", "mean", 1.0, True), grads)
   policy = ZScore(
     alpha=0.9,
     z_thresh=2.0,
@@ -354,10 +332,10 @@ def test_preset_equals_policy():
     clip_option="mean",
     skip_update_on_spike=True,
   )
-  b = run_scan(clipchain.clip_norm(policy, name="zclip"), grads)
+  b = scan(clipchain.clip_norm(policy, name="zclip"), grads)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  assert float(jnp.max(a[1].policy_state.spike)) == 1.0
+  assert float(jnp.max(a[2].policy_state.spike)) == 1.0
 
 
 @pytest.mark.parametrize(
