@@ -72,6 +72,9 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
     clipchain.clip_norm(clipchain.thresholds.EMARatio(), granularity="global", name="adagc"),
     _adam(),
   ),
+  # Per-unit norms against the parameters' (AGC): its floor reads the params once more.
+  "optax agc + adam": lambda: optax.chain(optax.adaptive_grad_clip(0.01), _adam()),
+  "clipchain agc + adam": lambda: optax.chain(clipchain.adaptive_grad_clip(0.01), _adam()),
 }
 
 

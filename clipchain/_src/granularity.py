@@ -286,7 +286,10 @@ class Slices(Granularity):
     # Summed across the devices a leaf is split over: a slice split over devices (FSDP over the
     # input dimension of a unit) is measured whole.
     squares = distributed.sum_across(squares, leaves, axis_names)
-    total = norms.total([jnp.sum(s) for s in squares])
+    # The barrier keeps XLA from rewriting sum(per-slice sums) as a second full reduction of the
+    # leaf, which would make it materialise the squares as a gradient-sized temporary (measured
+    # on CPU: 64 MiB and 4x the step time for 8 leaves of 2048x1024).
+    total = norms.total([jnp.sum(s) for s in jax.lax.optimization_barrier(squares)])
     unit_norms = [norms.safe_sqrt(s) for s in squares]
     return Measured(
       jax.tree.unflatten(treedef, unit_norms), jax.tree.unflatten(treedef, squares), total
