@@ -75,6 +75,13 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   # Per-unit norms against the parameters' (AGC): its floor reads the params once more.
   "optax agc + adam": lambda: optax.chain(optax.adaptive_grad_clip(0.01), _adam()),
   "clipchain agc + adam": lambda: optax.chain(clipchain.adaptive_grad_clip(0.01), _adam()),
+  # Guards: the cost of the clip they wrap plus scalars is the target.
+  "optax apply_if_finite(clip + adam)": lambda: optax.apply_if_finite(
+    optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()), max_consecutive_errors=10
+  ),
+  "skip_nonfinite(clip + adam)": lambda: clipchain.skip_nonfinite(
+    optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam())
+  ),
 }
 
 
