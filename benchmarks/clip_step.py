@@ -41,7 +41,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import clipchain
@@ -87,11 +86,12 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """``leaves`` float32 parameters of ``shape`` each."""
+  """``leaves`` parameters of ``shape`` each, in ``dtype`` (the gradients too)."""
 
   name: str
   leaves: int
   shape: tuple[int, ...]
+  dtype: str = "float32"
 
   @property
   def size(self) -> int:
@@ -103,23 +103,27 @@ class Workload:
   def describe(self) -> str:
     dims = "x".join(map(str, self.shape))
     size = f"{self.size / 1e6:.1f} M" if self.size >= 10**6 else f"{self.size:,}"
-    return f"{size} params, {self.leaves} leaves of {dims}"
+    kind = "" if self.dtype == "float32" else f" {self.dtype}"
+    return f"{size}{kind} params, {self.leaves} leaves of {dims}"
 
 
 WORKLOADS = {
   "large": Workload("large", 8, (2048, 1024)),
   "many": Workload("many", 1000, (64, 64)),
+  # Mixed-precision training keeps bfloat16 parameters and gradients: half the bytes per pass.
+  "bf16": Workload("bf16", 8, (2048, 1024), "bfloat16"),
 }
 QUICK_WORKLOADS = {
   "large": Workload("large", 8, (128, 64)),
   "many": Workload("many", 50, (8, 8)),
+  "bf16": Workload("bf16", 8, (128, 64), "bfloat16"),
 }
 
 
 def make_tree(workload: Workload, seed: int) -> dict[str, jax.Array]:
   key = jax.random.key(seed)
   return {
-    f"w{i:04d}": jax.random.normal(jax.random.fold_in(key, i), workload.shape, jnp.float32)
+    f"w{i:04d}": jax.random.normal(jax.random.fold_in(key, i), workload.shape, workload.dtype)
     for i in range(workload.leaves)
   }
 
