@@ -18,7 +18,7 @@ shows how far apart two identical steps measure.
 
 Usage::
 
-  python benchmarks/clip_step.py                  # both workloads, the table to paste in README
+  python benchmarks/clip_step.py                  # every workload, the table to paste in README
   python benchmarks/clip_step.py --quick          # tiny sizes: a smoke run in seconds
   python benchmarks/clip_step.py --workloads large --repeats 200 --json out.json
 
@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import clipchain
@@ -84,9 +85,20 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
 }
 
 
+def optimizer_step(tx: optax.GradientTransformation):
+  """The step of a training loop whose gradients are given: update, then apply."""
+
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """``leaves`` parameters of ``shape`` each, in ``dtype`` (the gradients too)."""
+  """``leaves`` parameters of ``shape`` each, in ``dtype`` (the gradients too); the step is the
+  optimizer's alone, on given gradients."""
 
   name: str
   leaves: int
@@ -106,34 +118,117 @@ class Workload:
     kind = "" if self.dtype == "float32" else f" {self.dtype}"
     return f"{size}{kind} params, {self.leaves} leaves of {dims}"
 
+  def make_params(self, seed: int) -> dict[str, jax.Array]:
+    key = jax.random.key(seed)
+    return {
+      f"w{i:04d}": jax.random.normal(jax.random.fold_in(key, i), self.shape, self.dtype)
+      for i in range(self.leaves)
+    }
+
+  def make_inputs(self, seed: int) -> dict[str, jax.Array]:
+    """What the step takes besides params and state: here the gradients themselves."""
+    return self.make_params(seed)
+
+  def make_step(self, tx: optax.GradientTransformation):
+    return optimizer_step(tx)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """A full training step of a small Flax decoder-only transformer language model: forward,
+  backward, clip and update, on a batch of token sequences."""
+
+  name: str
+  vocab: int
+  width: int
+  depth: int
+  heads: int
+  length: int
+  batch: int
+  dtype: str = "float32"
+  # Where the optimizer is a small part of the step, the clips the question is about: the global
+  # clip, ZClip and AGC, beside optax's.
+  variants: tuple[str, ...] = (
+    "optax clip + adam",
+    "clipchain clip + adam",
+    "zclip + adam",
+    "optax agc + adam",
+    "clipchain agc + adam",
+  )
+
+  def model(self):
+    from flax import linen as nn  # only this workload needs Flax
+
+    width, heads, depth, vocab = self.width, self.heads, self.depth, self.vocab
+
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        mask = nn.make_causal_mask(x[..., 0])
+        y = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(y, y, mask=mask)
+        y = nn.Dense(4 * width)(nn.LayerNorm()(x))
+        return x + nn.Dense(width)(nn.gelu(y))
+
+    class LanguageModel(nn.Module):
+      @nn.compact
+      def __call__(self, tokens):
+        embed = nn.Embed(vocab, width)
+        x = embed(tokens)
+        for _ in range(depth):
+          x = Block()(x)
+        return embed.attend(nn.LayerNorm()(x))
+
+    return LanguageModel()
+
+  @property
+  def size(self) -> int:
+    shapes = jax.eval_shape(lambda: self.make_params(0))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+  def describe(self) -> str:
+    return (
+      f"Flax transformer LM train step, {self.size / 1e6:.1f} M params ({self.depth} blocks of "
+      f"{self.width}), batch {self.batch} x {self.length} tokens"
+    )
+
+  def make_params(self, seed: int):
+    tokens = jnp.zeros((1, self.length), jnp.int32)
+    return self.model().init(jax.random.key(seed), tokens)["params"]
+
+  def make_inputs(self, seed: int) -> jax.Array:
+    key = jax.random.key(seed + 1000)
+    return jax.random.randint(key, (self.batch, self.length + 1), 0, self.vocab)
+
+  def make_step(self, tx: optax.GradientTransformation):
+    model = self.model()
+
+    def loss_fn(params, tokens):
+      logits = model.apply({"params": params}, tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    def step(params, opt_state, tokens):
+      grads = jax.grad(loss_fn)(params, tokens)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    return step
+
 
 WORKLOADS = {
   "large": Workload("large", 8, (2048, 1024)),
   "many": Workload("many", 1000, (64, 64)),
   # Mixed-precision training keeps bfloat16 parameters and gradients: half the bytes per pass.
   "bf16": Workload("bf16", 8, (2048, 1024), "bfloat16"),
+  # The whole step: what clipping costs next to the forward and backward passes.
+  "train": TrainStep("train", vocab=512, width=256, depth=4, heads=4, length=128, batch=16),
 }
 QUICK_WORKLOADS = {
   "large": Workload("large", 8, (128, 64)),
   "many": Workload("many", 50, (8, 8)),
   "bf16": Workload("bf16", 8, (128, 64), "bfloat16"),
+  "train": TrainStep("train", vocab=32, width=16, depth=1, heads=2, length=8, batch=2),
 }
-
-
-def make_tree(workload: Workload, seed: int) -> dict[str, jax.Array]:
-  key = jax.random.key(seed)
-  return {
-    f"w{i:04d}": jax.random.normal(jax.random.fold_in(key, i), workload.shape, workload.dtype)
-    for i in range(workload.leaves)
-  }
-
-
-def make_step(tx: optax.GradientTransformation):
-  def step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return step
 
 
 def count_fusions(hlo_text: str) -> int:
@@ -159,11 +254,11 @@ class _Prepared:
 
 def _prepare(name, factory, workload, grads, grad_bytes, dump_hlo: str | None) -> _Prepared:
   tx = factory()
-  params = make_tree(workload, seed=1)
+  params = workload.make_params(seed=1)
   opt_state = tx.init(params)
   jax.block_until_ready((params, opt_state))
   start = time.perf_counter()
-  lowered = jax.jit(make_step(tx), donate_argnums=(0, 1)).lower(params, opt_state, grads)
+  lowered = jax.jit(workload.make_step(tx), donate_argnums=(0, 1)).lower(params, opt_state, grads)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
@@ -211,9 +306,13 @@ def run_workload(
   executable compiled later in the process runs measurably slower than an identical one compiled
   earlier (up to ~10 % here); rotating the order gives every variant every position once.
   """
-  grads = make_tree(workload, seed=0)
+  grads = workload.make_inputs(seed=0)
   jax.block_until_ready(grads)
-  grad_bytes = sum(x.nbytes for x in jax.tree.leaves(grads))
+  # The gradients are shaped like the params, whatever the step takes as input.
+  grad_bytes = sum(
+    x.size * x.dtype.itemsize
+    for x in jax.tree.leaves(jax.eval_shape(lambda: workload.make_params(seed=0)))
+  )
   names = list(variants)
   blocks = min(len(names) if blocks is None else max(blocks, 1), repeats)
   times: dict[str, list[float]] = {name: [] for name in names}
@@ -270,8 +369,6 @@ def run_workload(
   return {
     "workload": workload.name,
     "description": workload.describe(),
-    "leaves": workload.leaves,
-    "shape": list(workload.shape),
     "params": workload.size,
     "grad_bytes": grad_bytes,
     "repeats": len(base),
@@ -326,9 +423,18 @@ def run(
     variants[CONTROL] = variants[BASELINE]
   table = QUICK_WORKLOADS if quick else WORKLOADS
   results = [
-    run_workload(table[w], variants, repeats, warmup, blocks, dump_hlo, log) for w in workloads
+    run_workload(table[w], _for(table[w], variants), repeats, warmup, blocks, dump_hlo, log)
+    for w in workloads
   ]
   return {"machine": machine(), "quick": quick, "workloads": results}
+
+
+def _for(workload, variants: dict[str, Callable[[], optax.GradientTransformation]]):
+  """The variants a workload runs: all, or those it names (the baseline and control always)."""
+  chosen = getattr(workload, "variants", None)
+  if chosen is None:
+    return variants
+  return {k: v for k, v in variants.items() if k in (BASELINE, CONTROL, *chosen)}
 
 
 def _bytes(n: int) -> str:
