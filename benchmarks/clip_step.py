@@ -75,12 +75,26 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   # Per-unit norms against the parameters' (AGC): its floor reads the params once more.
   "optax agc + adam": lambda: optax.chain(optax.adaptive_grad_clip(0.01), _adam()),
   "clipchain agc + adam": lambda: optax.chain(clipchain.adaptive_grad_clip(0.01), _adam()),
+  # Value clipping: it can fuse into the optimizer's pass; its statistics need a read.
+  "optax value clip + adam": lambda: optax.chain(optax.clip(0.001), _adam()),
+  "clipchain value clip + adam": lambda: optax.chain(clipchain.clip(0.001), _adam()),
+  # Per-layer norms: one read of the gradients, as the global clip.
+  "optax block rms + adam": lambda: optax.chain(optax.clip_by_block_rms(1.0), _adam()),
+  "clipchain block rms + adam": lambda: optax.chain(clipchain.clip_by_block_rms(1.0), _adam()),
+  "layer clip + adam": lambda: optax.chain(clipchain.clip_by_layer_norm(1.0), _adam()),
+  "layer zclip + adam": lambda: optax.chain(clipchain.zclip(granularity="layer"), _adam()),
+  "adagc + adam": lambda: optax.chain(clipchain.adagc(), _adam()),
+  # SPAM keeps a moment per value: a read and a write of it on top.
+  "spam_clip + adam": lambda: optax.chain(clipchain.spam_clip(), _adam()),
   # Guards: the cost of the clip they wrap plus scalars is the target.
   "optax apply_if_finite(clip + adam)": lambda: optax.apply_if_finite(
     optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()), max_consecutive_errors=10
   ),
   "skip_nonfinite(clip + adam)": lambda: clipchain.skip_nonfinite(
     optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam())
+  ),
+  "skip_spikes(skip_nonfinite(clip + adam))": lambda: clipchain.skip_spikes(
+    clipchain.skip_nonfinite(optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam()))
   ),
 }
 
@@ -486,6 +500,46 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+# The structure of every compiled step at the --quick sizes (fusions, temporaries relative to the
+# gradients), recorded so that a change which adds kernels or a temporary fails the test suite.
+BUDGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "budget.json")
+# Temporaries may grow by this fraction of the gradients' size before it counts (XLA's per-group
+# scratch varies slightly with versions); a gradient-sized buffer is 1.0.
+TEMP_SLACK = 0.05
+
+
+def structure(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+  """``{workload: {variant: {"fusions", "temp_over_grads"}}}`` of a run."""
+  return {
+    w["workload"]: {
+      v["variant"]: {"fusions": v["fusions"], "temp_over_grads": round(v["temp_over_grads"], 4)}
+      for v in w["variants"]
+    }
+    for w in results["workloads"]
+  }
+
+
+def over_budget(results: dict[str, Any], budget: dict[str, Any]) -> list[str]:
+  """Every variant whose compiled step has more fusions, or more temporary memory, than recorded."""
+  problems = []
+  for workload, rows in structure(results).items():
+    for variant, row in rows.items():
+      limit = budget.get(workload, {}).get(variant)
+      if limit is None:
+        problems.append(f"{workload} / {variant}: no budget recorded (--record-budget)")
+        continue
+      if row["fusions"] > limit["fusions"]:
+        problems.append(
+          f"{workload} / {variant}: {row['fusions']} fusions, budget {limit['fusions']}"
+        )
+      if row["temp_over_grads"] > limit["temp_over_grads"] + TEMP_SLACK:
+        problems.append(
+          f"{workload} / {variant}: temporaries {row['temp_over_grads']:.2f} x the gradients, "
+          f"budget {limit['temp_over_grads']:.2f}"
+        )
+  return problems
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--repeats", type=int, default=100, help="timed steps per variant")
@@ -518,11 +572,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     help=f"skip the {CONTROL!r} row (a second copy of the baseline, the noise floor)",
   )
   parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  parser.add_argument(
+    "--check",
+    action="store_true",
+    help="at the --quick sizes, fail if a compiled step exceeds the fusions or temporaries "
+    f"recorded in {os.path.basename(BUDGET)} (no timing is asserted)",
+  )
+  parser.add_argument(
+    "--record-budget",
+    action="store_true",
+    help=f"at the --quick sizes, write the current structure to {os.path.basename(BUDGET)}",
+  )
   parser.add_argument("--dump-hlo", metavar="DIR", help="write each optimized HLO module")
   args = parser.parse_args(argv)
   if args.repeats < 1 or args.warmup < 0 or (args.blocks is not None and args.blocks < 1):
     parser.error("--repeats and --blocks must be >= 1, --warmup >= 0")
   variants = None if args.variants is None else {v: VARIANTS[v] for v in args.variants}
+  if args.check or args.record_budget:
+    results = run(args.workloads, variants, repeats=1, warmup=0, blocks=1, quick=True)
+    if args.record_budget:
+      with open(BUDGET, "w") as f:
+        json.dump(structure(results), f, indent=2, sort_keys=True)
+        f.write("\n")
+      print(f"wrote {BUDGET}")
+      return results
+    with open(BUDGET) as f:
+      problems = over_budget(results, json.load(f))
+    print("\n".join(problems) if problems else "every compiled step is within its budget")
+    if problems:
+      raise SystemExit(1)
+    return results
   results = run(
     args.workloads,
     variants,

@@ -79,6 +79,22 @@ def test_bfloat16_temporaries_are_no_larger_than_optax(results):
   assert rows["clipchain clip + adam"]["alias_bytes"] >= 3 * w["grad_bytes"]
 
 
+def test_every_compiled_step_is_within_its_recorded_budget(bench, results):
+  """No change adds kernels or a temporary unnoticed: the fusions and temporaries of every
+  variant at the --quick sizes stay within benchmarks/budget.json (`clip_step.py --check`)."""
+  with open(bench.BUDGET) as f:
+    assert bench.over_budget(results, json.load(f)) == []
+
+
+def test_the_budget_check_catches_an_extra_kernel_or_temporary(bench, results):
+  budget = bench.structure(results)
+  row = budget["large"]["clipchain clip + adam"]
+  row["fusions"] -= 1
+  row["temp_over_grads"] -= 1.0
+  problems = bench.over_budget(results, budget)
+  assert len(problems) == 2 and all("clipchain clip + adam" in p for p in problems)
+
+
 def test_identical_programs_have_identical_memory_and_fusions(results):
   for w in results["workloads"]:
     rows = {v["variant"]: v for v in w["variants"]}
