@@ -251,16 +251,16 @@ def test_missing_params_is_an_error():
   ):
     tx.update(grads, tx.init(params))
   chained = optax.chain(clipchain.adaptive_grad_clip(0.01), optax.sgd(0.1))
-  with pytest.raises(ValueError, match="AGC"):
+  with pytest.raises(ValueError, match=r"RelativeToParams\(clipping=0.01.*needs the params"):
     chained.update(grads, chained.init(params))
 
 
 def test_params_of_another_shape_is_an_error():
   tx = clipchain.adaptive_grad_clip(0.01)
   grads = {"w": jnp.ones((4, 3))}
-  with pytest.raises(ValueError, match="structure and shapes of the updates"):
+  with pytest.raises(ValueError, match=r"params are not shaped like.*w: \(4, 3\) -> \(4, 2\)"):
     tx.update(grads, tx.init(grads), {"w": jnp.ones((4, 2))})
-  with pytest.raises(ValueError, match="structure and shapes of the updates"):
+  with pytest.raises(ValueError, match=r"params are not shaped like.*missing from the params"):
     tx.update(grads, tx.init(grads), {"v": jnp.ones((4, 3))})
 
 

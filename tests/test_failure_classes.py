@@ -71,10 +71,8 @@ def test_value_clip_of_a_complex_value_clips_the_modulus_and_keeps_the_phase(tx)
 
 
 def test_a_schedule_or_policy_returning_an_array_of_the_wrong_shape_is_refused():
-  grads = {"w": jnp.ones(2)}
-  tx = clipchain.clip_by_global_norm(lambda count: jnp.ones(2))
-  with pytest.raises(ValueError, match=r"schedule must return a scalar.*\(2,\)"):
-    tx.update(grads, tx.init(grads))
+  with pytest.raises(ValueError, match=r"max_norm must be a schedule returning a scalar.*\(2,\)"):
+    clipchain.clip_by_global_norm(lambda count: jnp.ones(2))
 
   class Wrong(thresholds.ThresholdPolicy):
     def __call__(self, norms, state, context):
@@ -437,3 +435,111 @@ def test_a_checkpoint_restored_into_other_settings_is_refused(tmp_path):
       orbax_round_trip(tmp_path / str(i), state, like=other.init(params))
     restored = orbax_round_trip(tmp_path / f"same{i}", state, like=saved.init(params))
     chex.assert_trees_all_equal(restored, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by probing as an adversarial user: each a case of the classes above.
+
+
+def test_a_nan_or_negative_hyperparameter_injected_for_one_step_leaves_no_trace():
+  """A NaN hyperparameter for one step must not poison a policy's state for good, and SPAM's
+  threshold turning negative clips to zero like any negative threshold."""
+  grads = {"w": jnp.array([3.0, -4.0])}
+  cases = [
+    (clipchain.zclip, dict(max_grad_norm=None, warmup_steps=2), "alpha", jnp.nan),
+    (clipchain.quantile_clip, dict(initial_threshold=1.0), "learning_rate", jnp.nan),
+    (clipchain.spam_clip, dict(warmup_steps=0), "threshold", -1.0),
+  ]
+  for factory, kwargs, hyperparameter, bad in cases:
+    tx = optax.inject_hyperparams(factory)(**kwargs)
+    state = tx.init(grads)
+    step = jax.jit(tx.update)
+    good = state.hyperparams[hyperparameter]
+    for scale, value in ((1.0, good), (1.1, good), (1.0, bad), (1.0, good), (100.0, good)):
+      state.hyperparams[hyperparameter] = jnp.asarray(value)
+      updates, state = step(jax.tree.map(lambda g, s=scale: s * g, grads), state)
+      for leaf in jax.tree.leaves(state.inner_state.policy_state):
+        assert not np.any(np.isnan(np.asarray(leaf))), (factory.__name__, leaf)
+      if factory is clipchain.spam_clip and value is bad:
+        np.testing.assert_array_equal(np.abs(updates["w"]), 0.0)
+    # The policy still works: the 100x spike at the end is clipped.
+    assert float(optax.tree.norm(updates)) < 100.0, factory.__name__
+
+
+def test_params_shaped_unlike_the_updates_are_refused():
+  grads = {"w": jnp.ones((2, 2))}
+  for tx in (
+    clipchain.adaptive_grad_clip(0.1),
+    clipchain.clip_norm(thresholds.RelativeToParams(0.1), granularity="global"),
+  ):
+    state = tx.init(grads)
+    with pytest.raises(ValueError, match=r"params are not shaped like.*\(2, 2\) -> \(50, 2\)"):
+      tx.update(grads, state, {"w": jnp.ones((50, 2))})
+    with pytest.raises(ValueError, match=r"params are not shaped like.*missing"):
+      tx.update(grads, state, {"x": jnp.ones(7)})
+    with pytest.raises(
+      ValueError, match=r"needs the params: call tx.update\(updates, state, params"
+    ):
+      tx.update(grads, state)
+
+
+def test_a_policy_statistic_may_not_take_the_name_of_the_cores():
+  class Shadowing(thresholds.ThresholdPolicy):
+    def __call__(self, norms, state, context):
+      return 1.0, state
+
+    def statistics(self, state):
+      return {"norm": jnp.zeros(())}
+
+  tx = clipchain.clip_norm(Shadowing(), name="c")
+  with pytest.raises(ValueError, match=r"statistics named \['norm'\], which c reports itself"):
+    tx.init({"w": jnp.ones(2)})
+
+
+def test_bfloat16_hyperparameters_are_numbers():
+  grads = {"w": jnp.array([3.0, 4.0], jnp.bfloat16)}
+  for factory, kwargs in (
+    (clipchain.clip_by_global_norm, dict(max_norm=1.0)),
+    (clipchain.zclip, {}),
+  ):
+    tx = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.bfloat16)(**kwargs)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    assert updates["w"].dtype == jnp.bfloat16
+  clipchain.clip_by_global_norm(jnp.asarray(1.0, jnp.bfloat16))
+
+
+@pytest.mark.parametrize(
+  "build, argname",
+  [
+    (lambda: clipchain.zclip(warmup_steps=2**31), "warmup_steps"),
+    (lambda: clipchain.zclip(z_thresh=2**40), "z_thresh"),
+    (lambda: clipchain.spam_clip(threshold=2**40), "threshold"),
+    (lambda: clipchain.skip_nonfinite(optax.sgd(1.0), max_consecutive=2**31), "max_consecutive"),
+    (lambda: clipchain.autoclip(window=2**40), "window"),
+    (lambda: clipchain.zclip(warmup_steps=np.array([1, 2])), "warmup_steps"),
+    (lambda: clipchain.skip_spikes(optax.sgd(1.0), window=np.array([4, 8])), "window"),
+  ],
+)
+def test_integers_out_of_int32_or_arrays_of_integers_are_bad_values(build, argname):
+  with pytest.raises(ValueError, match=argname):
+    build()
+
+
+def test_a_changed_container_is_said_to_differ():
+  tx = clipchain.spam_clip(warmup_steps=0)
+  for init_tree, update_tree in (
+    ([jnp.ones(2), jnp.ones(3)], (jnp.ones(2), jnp.ones(3))),
+    ({"0": jnp.ones(2)}, {0: jnp.ones(2)}),
+  ):
+    state = tx.init(init_tree)
+    with pytest.raises(ValueError, match=r"spam_clip: the updates .*the same leaves in other"):
+      tx.update(update_tree, state)
+
+
+def test_a_transformation_factory_is_not_a_schedule():
+  with pytest.raises(TypeError, match=r"max_norm must be a number or a schedule"):
+    clipchain.clip_by_global_norm(optax.sgd)
+  with pytest.raises(TypeError, match=r"ratio must be a number or a schedule"):
+    clipchain.adagc(ratio=optax.sgd)
+  with pytest.raises(ValueError, match=r"max_norm must be a schedule returning a scalar"):
+    clipchain.clip_by_global_norm(lambda count: jnp.ones(2))

@@ -30,7 +30,7 @@ def as_policy(threshold: ThresholdLike, argname: str = "threshold") -> Threshold
   if isinstance(threshold, ThresholdPolicy):
     return threshold
   if callable(threshold) and not isinstance(threshold, jax.Array):
-    return Scheduled(threshold)
+    return Scheduled(threshold, argname=argname)
   return Fixed(threshold, argname=argname)
 
 
@@ -38,31 +38,39 @@ class TreeSignature:
   """The paths and shapes of a tree's leaves, kept in a state's static fields so that ``update``
   can say what differs from the tree ``init`` saw (compared by a digest, cheap to hash)."""
 
-  __slots__ = ("_key", "leaves")
+  __slots__ = ("_key", "leaves", "structure")
 
   def __init__(self, tree):
     self.leaves = tuple(
       (layers_lib.path_str(p), tuple(jnp.shape(x))) for p, x in layers_lib.flatten_with_path(tree)
     )
-    self._key = hash(self.leaves)
+    # The containers too (a tuple for a list, a key 0 for "0"), with a Flax NNX Variable standing
+    # for its array: nnx.Optimizer calls init on Variables and update on arrays.
+    self.structure = jax.tree.structure(tree, is_leaf=layers_lib.is_nnx_variable)
+    self._key = hash((self.leaves, self.structure))
 
   def __hash__(self) -> int:
     return self._key
 
   def __eq__(self, other) -> bool:
     return isinstance(other, TreeSignature) and (
-      self is other or (self._key == other._key and self.leaves == other.leaves)
+      self is other
+      or (
+        self._key == other._key
+        and self.leaves == other.leaves
+        and self.structure == other.structure
+      )
     )
 
   def __repr__(self) -> str:
     return f"TreeSignature({len(self.leaves)} leaves)"
 
-  def difference(self, other: TreeSignature) -> str:
-    """What ``other`` (the updates) has that ``self`` (the tree given to init) has not."""
+  def difference(self, other: TreeSignature, what: str = "updates") -> str:
+    """How ``other`` (the updates, or ``what``) differs from ``self`` (the tree given to init)."""
     mine, theirs = dict(self.leaves), dict(other.leaves)
     parts = []
     if missing := [p for p in mine if p not in theirs]:
-      parts.append(f"leaves missing from the updates: {missing[:5]}")
+      parts.append(f"leaves missing from the {what}: {missing[:5]}")
     if extra := [p for p in theirs if p not in mine]:
       parts.append(f"leaves not in the tree given to init: {extra[:5]}")
     if changed := [
@@ -70,18 +78,19 @@ class TreeSignature:
     ]:
       parts.append(f"shapes changed: {changed[:5]}")
     if not parts:
-      parts.append("the same leaves in a different order or container")
+      parts.append(
+        f"the same leaves in other containers: {self.structure} at init, {other.structure} now"
+      )
     return "; ".join(parts)
 
 
-def check_same_tree(owner: str, expected: TreeSignature, updates) -> None:
-  """Raises ``ValueError``, saying what differs, if ``updates`` is not shaped like the tree the
-  state was initialised with."""
-  got = TreeSignature(updates)
+def check_same_tree(owner: str, expected: TreeSignature, tree, what: str = "updates") -> None:
+  """Raises ``ValueError``, saying what differs, if ``tree`` is not shaped like ``expected``."""
+  got = TreeSignature(tree)
   if got != expected:
     raise ValueError(
-      f"{owner}: the updates are not shaped like the tree its state was initialised with "
-      f"({expected.difference(got)}); call init on a tree shaped like the updates."
+      f"{owner}: the {what} are not shaped like the tree its state was initialised with "
+      f"({expected.difference(got, what)}); call init on a tree shaped like the {what}."
     )
 
 
@@ -90,6 +99,10 @@ def keep_dtypes(new, old):
   ``jax_enable_x64`` a statistic computed from float64 leaves would otherwise turn float64 after
   the first update, and ``lax.scan`` and ``jit``'s cache would see a different state)."""
   return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, old)
+
+
+# The statistics ClipNormState reports itself: a policy's may not take their names.
+OWN_STATISTICS = ("norm", "clipped_norm", "clipped_fraction", "threshold")
 
 
 def _broadcasts_to(shape, target) -> bool:
@@ -246,6 +259,12 @@ def clip_norm(
   def init_fn(params):
     groups = where.groups(params)
     policy_state = policy.init(groups)
+    clashes = [key for key in policy.statistics(policy_state) if key in OWN_STATISTICS]
+    if clashes:
+      raise ValueError(
+        f"{policy!r} reports statistics named {clashes}, which {name} reports itself; rename "
+        "them in the policy's statistics()."
+      )
     return ClipNormState(
       count=jnp.zeros((), jnp.int32),
       norm=jnp.zeros((), jnp.float32),
@@ -270,6 +289,13 @@ def clip_norm(
   def update_fn(updates, state, params=None):
     if state.signature is not None:
       check_same_tree(name, state.signature, updates)
+      if policy.needs_params:
+        if params is None:
+          raise ValueError(
+            f"{name}: {policy!r} sets the threshold from the params' norm and needs the params: "
+            "call tx.update(updates, state, params)."
+          )
+        check_same_tree(name, state.signature, params, what="params")
     distributed.check_bound(axis_names, name)
     groups = where.groups(updates)
     measured = where.measure(updates, axis_names)
@@ -283,9 +309,13 @@ def clip_norm(
     limit = jax.tree.map(lambda c: jnp.where(c < 0, 0.0, jnp.asarray(c, jnp.float32)), limit)
     clipped, summary = where.clip(updates, measured, limit, axis_names)
     # A non-finite norm must not enter a policy's history, mean or tracker: keep the old state.
+    # Nor may a NaN from anywhere else (a NaN hyperparameter injected for one step): an entry that
+    # came out NaN keeps its old value, elementwise, in the pass that writes it.
     finite = jnp.isfinite(measured.total_squares)
     policy_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old), policy_state, state.policy_state
+      lambda new, old: jnp.where(finite & ~jnp.isnan(new), new, old),
+      policy_state,
+      state.policy_state,
     )
     new_state = state._replace(
       count=optax.safe_increment(state.count),

@@ -12,9 +12,13 @@ import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Python ints become int32 inside jit (float hyperparameters given as ints too): larger ones would
+# overflow there, not here.
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def is_concrete(value) -> bool:
@@ -45,7 +49,10 @@ def check_number(
   if isinstance(value, bool) or (_is_array(value) and np.dtype(value.dtype) == np.bool_):
     raise TypeError(f"{name} must be a number, not a bool; got {value!r}.")
   if _is_array(value):
-    if not np.issubdtype(value.dtype, np.integer) and not np.issubdtype(value.dtype, np.floating):
+    # jnp.issubdtype knows bfloat16 is a float (np.issubdtype does not).
+    if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(
+      value.dtype, jnp.floating
+    ):
       raise TypeError(f"{name} must be a real number; got an array of dtype {value.dtype}.")
     if np.ndim(value) != 0:
       raise ValueError(f"{name} must be a scalar; got an array of shape {np.shape(value)}.")
@@ -60,6 +67,11 @@ def check_number(
     raise ValueError(f"{name} must be finite; got {value!r}.")
   if math.isfinite(v) and abs(v) > FLOAT32_MAX:
     raise ValueError(f"{name} must fit in float32 (|x| <= {FLOAT32_MAX:.4g}); got {value!r}.")
+  if isinstance(value, numbers.Integral) and abs(int(value)) > INT32_MAX:
+    raise ValueError(
+      f"{name} given as an int must fit in int32 (|x| <= {INT32_MAX}); got {value!r} (pass a "
+      "float for larger values)."
+    )
   ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
   if not ok:
     left, right = "(" if low_open else "[", ")" if high_open else "]"
@@ -77,11 +89,11 @@ def check_int(name: str, value, *, minimum: int | None = None, static: bool = Fa
   ``static``: the value sets a shape or an axis, so it must be known in Python; a traced value
   (``inject_hyperparams``) is refused with the way out.
   """
-  if isinstance(value, bool) or not (
-    isinstance(value, numbers.Integral)
-    or (_is_array(value) and np.issubdtype(value.dtype, np.integer) and np.ndim(value) == 0)
-  ):
+  is_int_array = _is_array(value) and jnp.issubdtype(value.dtype, jnp.integer)
+  if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or is_int_array):
     raise TypeError(f"{name} must be an integer; got {_describe(value)}.")
+  if is_int_array and np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar; got an array of shape {np.shape(value)}.")
   if not is_concrete(value):
     if static:
       raise TypeError(
@@ -91,6 +103,8 @@ def check_int(name: str, value, *, minimum: int | None = None, static: bool = Fa
     return
   if minimum is not None and int(value) < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+  if int(value) > INT32_MAX:
+    raise ValueError(f"{name} must fit in int32 (<= {INT32_MAX}); got {value!r}.")
 
 
 def check_bool(name: str, value) -> None:
@@ -117,3 +131,28 @@ def check_name(value) -> None:
 def check_callable(name: str, value, what: str) -> None:
   if not callable(value):
     raise TypeError(f"{name} must be callable ({what}); got {_describe(value)}.")
+
+
+def check_schedule(name: str, schedule) -> None:
+  """A callable ``step -> number``: traced once on an int32 step to see that it returns a real
+  scalar (a factory such as ``optax.sgd`` passed by mistake returns a transformation)."""
+  check_callable(name, schedule, "a schedule step -> number")
+  try:
+    out = jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.int32))
+  except Exception as e:
+    raise TypeError(
+      f"{name} must be a number or a schedule step -> number; calling {schedule!r} on a step "
+      f"failed: {type(e).__name__}: {e}"
+    ) from None
+  dtype = getattr(out, "dtype", None)
+  if dtype is None or not (
+    jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+  ):
+    raise TypeError(
+      f"{name} must be a number or a schedule step -> number; {schedule!r} returned "
+      f"{type(out).__name__}."
+    )
+  if out.shape != ():
+    raise ValueError(
+      f"{name} must be a schedule returning a scalar; {schedule!r} returned shape {out.shape}."
+    )

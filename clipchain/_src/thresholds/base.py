@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +105,9 @@ class ThresholdPolicy(abc.ABC):
     whose capabilities (``one_group_per_value``, ``groups_grow_with_size``, ``named_groups``) make
     it meaningless.
   """
+
+  # Whether ``update`` must be given the params (shaped like the updates); the core checks it.
+  needs_params: ClassVar[bool] = False
 
   def check_granularity(self, granularity: Granularity) -> None:  # noqa: B027
     """Raises ``ValueError`` (saying why) if this policy makes no sense at ``granularity``."""

@@ -11,7 +11,12 @@ import jax.numpy as jnp
 
 from clipchain._src.granularity import Granularity, Groups
 from clipchain._src.thresholds.base import Context, ThresholdPolicy, map_groups, zeros_like_norms
-from clipchain._src.validation import check_int, check_non_negative, check_number
+from clipchain._src.validation import (
+  check_int,
+  check_non_negative,
+  check_number,
+  check_schedule,
+)
 
 
 class EMARatioState(NamedTuple):
@@ -105,7 +110,9 @@ class EMARatio(ThresholdPolicy):
   eps: float = 1e-6
 
   def __post_init__(self):
-    if not callable(self.ratio):
+    if callable(self.ratio):
+      check_schedule("ratio", self.ratio)
+    else:
       check_number("ratio", self.ratio, low=1.0)
     check_number("beta", self.beta, low=0.0, high=1.0, high_open=True)
     check_int("warmup_steps", self.warmup_steps, minimum=0)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from clipchain._src.granularity import Granularity, Groups
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
-from clipchain._src.validation import check_callable, check_non_negative
+from clipchain._src.validation import check_non_negative, check_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +90,10 @@ class Scheduled(ThresholdPolicy):
   """
 
   schedule: Callable[[jax.Array], jax.typing.ArrayLike]
+  argname: str = dataclasses.field(default="schedule", repr=False, compare=False)
 
   def __post_init__(self):
-    check_callable("schedule", self.schedule, "step -> threshold")
+    check_schedule(self.argname, self.schedule)
 
   def __call__(self, norms, state, context: Context):
     value = self.schedule(context.count)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ class RelativeToParams(ThresholdPolicy):
     <https://arxiv.org/abs/2102.06171>`_, 2021
   """
 
+  needs_params: ClassVar[bool] = True
+
   clipping: float
   eps: float = 1e-3
 
@@ -48,26 +51,8 @@ class RelativeToParams(ThresholdPolicy):
     check_non_negative("eps", self.eps)
 
   def __call__(self, norms, state, context: Context):
-    if context.params is None:
-      raise ValueError(
-        "RelativeToParams (adaptive gradient clipping, AGC) sets the threshold from the params' "
-        "norm and needs the params: call tx.update(updates, state, params)."
-      )
+    # The core has checked that the params are given and shaped like the updates.
     granularity = context.granularity
-    expected = context.groups
-    got = granularity.groups(context.params)
-    if (
-      got.names != expected.names
-      or jax.tree.structure(got.norms) != jax.tree.structure(expected.norms)
-      or [x.shape for x in jax.tree.leaves(got.norms)]
-      != [x.shape for x in jax.tree.leaves(expected.norms)]
-    ):
-      raise ValueError(
-        "RelativeToParams: the params passed to update must have the structure and shapes of the "
-        f"updates; at granularity {granularity!r} the updates give norms shaped "
-        f"{jax.tree.map(jnp.shape, expected.norms)} and the params "
-        f"{jax.tree.map(jnp.shape, got.norms)}."
-      )
     clipping = jnp.asarray(self.clipping, jnp.float32)
     eps = jnp.asarray(self.eps, jnp.float32)
     param_norms = granularity.measure(context.params, context.axis_names).norms

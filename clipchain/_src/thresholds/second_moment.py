@@ -100,12 +100,15 @@ class SecondMoment(ThresholdPolicy):
 
   def __call__(self, norms, state: SecondMomentState, context: Context):
     active = context.count >= self.warmup_steps
+    # A threshold that is negative at run time (inject_hyperparams) limits every value to 0, as a
+    # negative threshold does everywhere; sqrt of it would be NaN.
+    theta = jnp.maximum(jnp.asarray(self.threshold, jnp.float32), 0.0)
 
     def step(norm, v):
       norm = jnp.asarray(norm, jnp.float32)
       limited = active & (v > 0)
       # sqrt of a positive stand-in where there is no limit: no inf or sqrt(0) reaches jax.grad.
-      limit = jnp.where(limited, jnp.sqrt(self.threshold * jnp.where(limited, v, 1.0)), jnp.inf)
+      limit = jnp.where(limited, jnp.sqrt(theta * jnp.where(limited, v, 1.0)), jnp.inf)
       clipped = jnp.minimum(norm, limit)
       return limit, self.beta2 * v + (1 - self.beta2) * clipped * clipped
 
