@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check clipchain tests benchmarks examples
 
 unit: $(STAMP)
-	$(PY) -m pytest clipchain tests
+	$(PY) -m pytest -n auto clipchain tests
 
 test: lint unit
 
