@@ -543,3 +543,61 @@ def test_a_transformation_factory_is_not_a_schedule():
     clipchain.adagc(ratio=optax.sgd)
   with pytest.raises(ValueError, match=r"max_norm must be a schedule returning a scalar"):
     clipchain.clip_by_global_norm(lambda count: jnp.ones(2))
+
+
+def test_boxed_linen_params_are_grouped_by_their_module():
+  """nn.Partitioned leaves are named without their box's ``value`` key, as NNX Variables are."""
+  from flax import linen as nn
+
+  boxed = {
+    "params": {
+      "enc": {
+        "kernel": nn.Partitioned(jnp.ones((3, 2)), (None, "model")),
+        "bias": nn.Partitioned(jnp.ones(2), ("model",)),
+      }
+    }
+  }
+  tx = clipchain.clip_by_layer_norm(1.0, layers="module", name="c")
+  _, state = tx.update(boxed, tx.init(boxed))
+  assert state.layer_names == ("params/enc",)
+  np.testing.assert_allclose(float(state.clipped_norm), 1.0, rtol=1e-6)
+  by_regex = clipchain.clip_by_layer_norm(1.0, layers={"k": r"kernel$", "b": r"bias$"})
+  assert by_regex.init(boxed).layer_names == ("b", "k")
+
+
+class _Returns(thresholds.ThresholdPolicy):
+  """A policy returning whatever ``make(norms)`` builds."""
+
+  def __init__(self, make):
+    object.__setattr__(self, "make", make)
+
+  def __call__(self, norms, state, context):
+    return self.make(norms), state
+
+
+def test_a_threshold_that_broadcasts_to_the_norms_is_recorded_in_their_shape():
+  params = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
+  tx = clipchain.clip_norm(_Returns(lambda n: jnp.ones((1,))), granularity="layer", name="c")
+  state = tx.init(params)
+  final, _ = jax.lax.scan(lambda s, _: (tx.update(params, s)[1], None), state, None, length=2)
+  assert final.threshold.shape == (3,)
+  units = {"a": jnp.ones((2, 1)), "b": jnp.ones((2, 99))}
+  per_leaf = _Returns(lambda n: jax.tree.map(lambda x: jnp.where(x.size == 1, 1.0, 3.0), n))
+  tx = clipchain.clip_norm(per_leaf, granularity="unit", name="u")
+  _, state = tx.update(units, tx.init(units))
+  np.testing.assert_allclose(float(clipchain.stats(state)["u/threshold"]), 2.98, rtol=1e-6)
+
+
+def test_a_threshold_tree_where_the_norms_are_one_array_is_refused():
+  params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+  tx = clipchain.clip_norm(_Returns(lambda n: {"w": 1.0, "b": 1.0}), granularity="global")
+  with pytest.raises(ValueError, match=r"returned a threshold shaped .*must be a scalar or shaped"):
+    tx.update(params, tx.init(params))
+
+
+def test_groups_named_otherwise_than_at_init_are_refused():
+  tx = clipchain.clip_by_layer_norm(1.0)
+  state = tx.init({"enc": jnp.ones(2), "dec": jnp.ones(2)})
+  renamed = state._replace(layer_names=("x", "y"))
+  with pytest.raises(ValueError, match=r"names the groups \['dec', 'enc'\] now and \['x', 'y'\]"):
+    tx.update({"enc": jnp.ones(2), "dec": jnp.ones(2)}, renamed)

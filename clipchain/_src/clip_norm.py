@@ -46,7 +46,7 @@ class TreeSignature:
     )
     # The containers too (a tuple for a list, a key 0 for "0"), with a Flax NNX Variable standing
     # for its array: nnx.Optimizer calls init on Variables and update on arrays.
-    self.structure = jax.tree.structure(tree, is_leaf=layers_lib.is_nnx_variable)
+    self.structure = jax.tree.structure(tree, is_leaf=layers_lib.is_boxed)
     self._key = hash((self.leaves, self.structure))
 
   def __hash__(self) -> int:
@@ -63,7 +63,9 @@ class TreeSignature:
     )
 
   def __repr__(self) -> str:
-    return f"TreeSignature({len(self.leaves)} leaves)"
+    shapes = ", ".join(f"{p}: {s}" for p, s in self.leaves[:3])
+    more = ", ..." if len(self.leaves) > 3 else ""
+    return f"TreeSignature({len(self.leaves)} leaves: {shapes}{more})"
 
   def difference(self, other: TreeSignature, what: str = "updates") -> str:
     """How ``other`` (the updates, or ``what``) differs from ``self`` (the tree given to init)."""
@@ -112,21 +114,23 @@ def _broadcasts_to(shape, target) -> bool:
     return False
 
 
-def _check_threshold_shapes(policy, threshold, norms) -> None:
+def _threshold_like_norms(policy, threshold, norms):
+  """The threshold as a float32 scalar, or as a pytree exactly shaped like the norms (a value that
+  broadcasts to a group's norms is broadcast, so states and summaries see the norms' shapes)."""
   if is_scalar(threshold):
-    return
-  structure = jax.tree.structure(norms)
-  try:
-    leaves = structure.flatten_up_to(threshold)
-  except (ValueError, TypeError):
-    leaves = None
-  if leaves is None or any(
-    not _broadcasts_to(jnp.shape(t), jnp.shape(n)) for t, n in zip(leaves, jax.tree.leaves(norms))
-  ):
+    return jnp.asarray(threshold, jnp.float32)
+  same = jax.tree.structure(threshold) == jax.tree.structure(norms) and all(
+    _broadcasts_to(jnp.shape(t), jnp.shape(n))
+    for t, n in zip(jax.tree.leaves(threshold), jax.tree.leaves(norms))
+  )
+  if not same:
     raise ValueError(
       f"{policy!r} returned a threshold shaped {jax.tree.map(jnp.shape, threshold)}; it must be a "
       f"scalar or shaped like the norms, {jax.tree.map(jnp.shape, norms)}."
     )
+  return jax.tree.map(
+    lambda t, n: jnp.broadcast_to(jnp.asarray(t, jnp.float32), jnp.shape(n)), threshold, norms
+  )
 
 
 @stats_lib.register_state("name", "layer_names", "axis_names", "signature")
@@ -298,13 +302,19 @@ def clip_norm(
         check_same_tree(name, state.signature, params, what="params")
     distributed.check_bound(axis_names, name)
     groups = where.groups(updates)
+    if groups.names != state.layer_names:
+      raise ValueError(
+        f"{name}: the granularity names the groups {list(groups.names)} now and "
+        f"{list(state.layer_names)} at init; a granularity must name the groups of a tree the same "
+        "way every time."
+      )
     measured = where.measure(updates, axis_names)
     total_norm = norms.safe_sqrt(measured.total_squares)
     context = Context(
       count=state.count, params=params, groups=groups, axis_names=axis_names, norm=total_norm
     )
     limit, policy_state = policy(measured.norms, state.policy_state, context)
-    _check_threshold_shapes(policy, limit, measured.norms)
+    limit = _threshold_like_norms(policy, limit, measured.norms)
     # A negative threshold (a schedule, an injected hyperparameter) clips to 0, never flips signs.
     limit = jax.tree.map(lambda c: jnp.where(c < 0, 0.0, jnp.asarray(c, jnp.float32)), limit)
     clipped, summary = where.clip(updates, measured, limit, axis_names)

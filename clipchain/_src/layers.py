@@ -46,16 +46,24 @@ def is_nnx_variable(node) -> bool:
   return nnx is not None and isinstance(node, nnx.Variable)
 
 
+def is_boxed(node) -> bool:
+  """A Flax NNX ``Variable``, or a linen box such as ``nn.Partitioned`` (``AxisMetadata``)."""
+  meta = sys.modules.get("flax.core.meta")
+  return is_nnx_variable(node) or (meta is not None and isinstance(node, meta.AxisMetadata))
+
+
 def flatten_with_path(tree) -> list[tuple[tuple, Any]]:
   """``jax.tree_util.tree_flatten_with_path(tree)[0]``, except that the leaf of a Flax NNX
-  ``Variable`` is named by the Variable's own path, without its trailing ``value`` key.
+  ``Variable`` or of a linen box (``nn.Partitioned``) is named by the box's own path, without its
+  trailing ``value`` key.
 
   ``nnx.Optimizer`` calls ``init`` on a state of Variables but ``update`` on plain arrays; both
-  must give the same layer names, and ``"module"`` must group a module's kernel and bias.
+  must give the same layer names, and ``"module"`` must group a module's kernel and bias, boxed
+  or not.
   """
   flat = []
-  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]:
-    if is_nnx_variable(node):
+  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_boxed)[0]:
+    if is_boxed(node):
       flat.extend((path + p[1:], x) for p, x in jax.tree_util.tree_flatten_with_path(node)[0])
     else:
       flat.append((path, node))

@@ -129,7 +129,12 @@ def check_inner(inner) -> optax.GradientTransformationExtraArgs:
   """``inner`` with extra-argument support, after checking it is a transformation (not a factory
   such as ``optax.sgd`` itself)."""
   if not isinstance(inner, optax.GradientTransformation):
-    hint = " (a factory: call it, e.g. optax.sgd(0.1))" if callable(inner) else ""
+    if hasattr(inner, "gradient_transformation"):  # optax.MultiSteps
+      hint = " (for optax.MultiSteps, pass its .gradient_transformation())"
+    elif callable(inner):
+      hint = " (a factory: call it, e.g. optax.sgd(0.1))"
+    else:
+      hint = ""
     raise TypeError(
       f"inner must be an optax.GradientTransformation{hint}; got {inner!r} of type "
       f"{type(inner).__name__}."
