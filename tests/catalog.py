@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
 import optax
+from harness import normal_tree
 
 import clipchain
 from clipchain import thresholds
@@ -66,16 +65,13 @@ POLICIES = {
 }
 
 
-def tree(seed: int, scale: float = 1.0, dtype=jnp.float32):
-  """A small Flax-like tree of normal values (a kernel, a bias, a scalar)."""
-  rng = np.random.default_rng(seed)
-  return {
-    "dense": {
-      "kernel": jnp.asarray(scale * rng.normal(size=(3, 4)), dtype),
-      "bias": jnp.asarray(scale * rng.normal(size=(4,)), dtype),
-    },
-    "scale": jnp.asarray(scale * rng.normal(), dtype),
-  }
+# A small Flax-like tree: a kernel, a bias and a scalar.
+SHAPES = {"dense": {"kernel": (3, 4), "bias": (4,)}, "scale": ()}
+
+
+def tree(seed: int, scale: float = 1.0):
+  """``SHAPES`` filled with float32 ``scale * N(0, 1)`` values."""
+  return normal_tree(SHAPES, seed, scale)
 
 
 def update(tx, grads, state, params, **extra):

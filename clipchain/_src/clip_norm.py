@@ -15,7 +15,7 @@ import optax
 from clipchain._src import distributed, norms
 from clipchain._src import layers as layers_lib
 from clipchain._src import stats as stats_lib
-from clipchain._src.granularity import GranularityLike, as_granularity, is_scalar
+from clipchain._src.granularity import GranularityLike, as_granularity, broadcast_like, is_scalar
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
 from clipchain._src.thresholds.fixed import Fixed, Scheduled
 from clipchain._src.validation import check_name
@@ -128,9 +128,7 @@ def _threshold_like_norms(policy, threshold, norms):
       f"{policy!r} returned a threshold shaped {jax.tree.map(jnp.shape, threshold)}; it must be a "
       f"scalar or shaped like the norms, {jax.tree.map(jnp.shape, norms)}."
     )
-  return jax.tree.map(
-    lambda t, n: jnp.broadcast_to(jnp.asarray(t, jnp.float32), jnp.shape(n)), threshold, norms
-  )
+  return broadcast_like(threshold, norms)
 
 
 @stats_lib.register_state("name", "layer_names", "axis_names", "signature")

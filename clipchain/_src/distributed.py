@@ -67,17 +67,6 @@ def _tracks_varying_axes() -> bool:
   return bool(flag is not None and flag.value)
 
 
-def varying_axes(x: jax.Array, axis_names: tuple[str, ...]) -> tuple[str, ...]:
-  """The axes of ``axis_names`` along which ``x`` differs between devices."""
-  if not axis_names or not _tracks_varying_axes():
-    return axis_names
-  aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    vma = aval.manual_axis_type.varying
-  return tuple(a for a in axis_names if a in vma)
-
-
 def varying_axes_of(x: jax.Array) -> tuple[str, ...]:
   """Every mesh axis along which ``x`` differs between devices where JAX tracks it, else ``()``."""
   if not _tracks_varying_axes():
@@ -87,6 +76,15 @@ def varying_axes_of(x: jax.Array) -> tuple[str, ...]:
   if vma is None:
     vma = aval.manual_axis_type.varying
   return tuple(sorted(vma))
+
+
+def varying_axes(x: jax.Array, axis_names: tuple[str, ...]) -> tuple[str, ...]:
+  """The axes of ``axis_names`` along which ``x`` differs between devices (all of them where JAX
+  does not track it)."""
+  if not axis_names or not _tracks_varying_axes():
+    return axis_names
+  varying = varying_axes_of(x)
+  return tuple(a for a in axis_names if a in varying)
 
 
 def sum_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> list:

@@ -147,7 +147,8 @@ class EMARatio(ThresholdPolicy):
       seen = jnp.isfinite(gamma)
       # Arithmetic on a finite stand-in for gamma = inf (no limit), so that neither the value nor
       # jax.grad meets inf * 0.
-      limit = ratio * jnp.where(seen, gamma, 0.0)
+      known = jnp.where(seen, gamma, 0.0)
+      limit = ratio * known
       scale = limit / (norm + self.eps)
       clipped_here = seen & (scale < 1.0)
       # A clipped group's threshold is the norm it is clipped to, so that the core's c / n is the
@@ -158,9 +159,7 @@ class EMARatio(ThresholdPolicy):
       warmup_limit = jnp.full_like(norm, jnp.inf) if global_scale is None else norm * global_scale
       threshold = jnp.where(warmup, warmup_limit, relative_limit)
       clipped = jnp.minimum(norm, threshold)
-      ema = jnp.where(
-        seen, self.beta * jnp.where(seen, gamma, 0.0) + (1 - self.beta) * clipped, clipped
-      )
+      ema = jnp.where(seen, self.beta * known + (1 - self.beta) * clipped, clipped)
       updated = jnp.where(warmup, jnp.minimum(gamma, clipped), ema)
       # A zero norm says nothing about the group's scale: it must not pull gamma to 0.
       new_gamma = jnp.where(clipped > 0, updated, gamma).astype(jnp.float32)
