@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo test lint unit bench clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,18 +15,23 @@ $(PY):
 # instead of resolving a CUDA build for the reference-implementation tests.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,demo]'
+	$(PY) -m pip install -q -e '.[test,study]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m clipchain study
+
+# The study's report is checked in a real headless browser: Debian's Chromium and its driver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check clipchain tests benchmarks examples
 	$(VENV)/bin/ruff format --check clipchain tests benchmarks examples
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(PY) -m pytest -n auto clipchain tests
 
 test: lint unit

@@ -1,0 +1,257 @@
+"""The ``clipchain`` command line: ``clipchain study [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import pathlib
+import sys
+
+from clipchain.study.strategies import OPTIMIZERS, PLACEMENTS, STRATEGIES
+
+#: What ``clipchain study`` runs without options (``make demo``): the showcase task, where clipping
+#: decides whether training survives, with every strategy and the two optimizers most used.
+DEFAULT_TASKS = ("rnn-adding",)
+DEFAULT_OPTIMIZERS = ("sgd", "adam")
+#: ``--quick``: a smoke run in seconds.
+QUICK = {
+  "tasks": ("rnn-adding",),
+  "strategies": ("none", "global", "zclip"),
+  "optimizers": ("sgd",),
+  "steps": 60,
+  "seeds": 1,
+  "sweep": (),
+}
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid learning rate: {text!r} is not a number") from None
+  if not math.isfinite(value) or value <= 0:
+    raise argparse.ArgumentTypeError(f"invalid learning rate: {text!r} must be positive and finite")
+  return value
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid count: {text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"invalid count: {text!r} must be at least 1")
+  return value
+
+
+def _parser() -> argparse.ArgumentParser:
+  from clipchain.study.tasks import TASKS
+
+  parser = argparse.ArgumentParser(
+    prog="clipchain",
+    description="clipchain's command line.",
+  )
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  study = commands.add_parser(
+    "study",
+    help="train models with each clipping strategy and optimizer, and report which keeps "
+    "training stable",
+    description="Trains the built-in tasks with every clipping strategy, optimizer, placement, "
+    "learning rate and seed, and writes results.json, per-step curves and a report (report.html, "
+    "report.md) to --out.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  study.add_argument(
+    "--task",
+    nargs="+",
+    choices=list(TASKS),
+    default=list(DEFAULT_TASKS),
+    metavar="NAME",
+    help=f"tasks to train ({', '.join(TASKS)})",
+  )
+  study.add_argument(
+    "--strategies",
+    nargs="+",
+    choices=list(STRATEGIES),
+    default=list(STRATEGIES),
+    metavar="NAME",
+    help=f"clipping strategies ({', '.join(STRATEGIES)})",
+  )
+  study.add_argument(
+    "--optimizers",
+    nargs="+",
+    choices=list(OPTIMIZERS),
+    default=list(DEFAULT_OPTIMIZERS),
+    metavar="NAME",
+    help=f"optimizers ({', '.join(OPTIMIZERS)})",
+  )
+  study.add_argument(
+    "--placement",
+    choices=[*PLACEMENTS, "both"],
+    default="before",
+    help="clip the gradient before the optimizer, the optimizer's update after it, or both",
+  )
+  study.add_argument(
+    "--lrs",
+    nargs="+",
+    type=_positive_float,
+    default=None,
+    metavar="FLOAT",
+    help="learning rates for every optimizer (default: each task's log grid per optimizer, "
+    "from stable to unstable)",
+  )
+  study.add_argument("--seeds", type=_positive_int, default=2, metavar="N", help="seeds per lr")
+  study.add_argument(
+    "--steps",
+    type=_positive_int,
+    default=None,
+    metavar="N",
+    help="training steps per run (default: each task's own)",
+  )
+  study.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path("clipchain-study"),
+    metavar="DIR",
+    help="output directory",
+  )
+  size = study.add_mutually_exclusive_group()
+  size.add_argument(
+    "--quick",
+    action="store_true",
+    help="a smoke run in seconds: rnn-adding, none/global/zclip, sgd, 60 steps, one seed",
+  )
+  size.add_argument(
+    "--full",
+    action="store_true",
+    help="every task, strategy and optimizer, both placements",
+  )
+  study.add_argument(
+    "--resume",
+    action="store_true",
+    help="reuse the cells an interrupted study with the same options finished",
+  )
+  study.add_argument(
+    "-v", "--verbose", action="store_true", help="print a one-line summary per finished cell"
+  )
+  return parser
+
+
+def _options(args) -> dict:
+  from clipchain.study.strategies import SWEEP_MULTIPLIERS
+  from clipchain.study.tasks import TASKS
+
+  options = {
+    "tasks": tuple(args.task),
+    "strategies": tuple(args.strategies),
+    "optimizers": tuple(args.optimizers),
+    "placements": PLACEMENTS if args.placement == "both" else (args.placement,),
+    "lrs": args.lrs,
+    "seeds": args.seeds,
+    "steps": args.steps,
+    "sweep": SWEEP_MULTIPLIERS,
+  }
+  if args.full:
+    options.update(
+      tasks=tuple(TASKS),
+      strategies=tuple(STRATEGIES),
+      optimizers=tuple(OPTIMIZERS),
+      placements=PLACEMENTS,
+    )
+  if args.quick:
+    options.update(QUICK)
+    if args.steps is not None:
+      options["steps"] = args.steps
+  return options
+
+
+def _join_processes() -> None:
+  """Joins the processes named by ``CLIPCHAIN_*`` environment variables, as the examples do.
+
+  Every process runs the same cells; each cell's batch of runs is sharded across the devices of
+  every process, the curves gathered, and process 0 alone writes the report.
+  """
+  coordinator = os.environ.get("CLIPCHAIN_COORDINATOR")
+  if coordinator:
+    import jax
+
+    jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=int(os.environ["CLIPCHAIN_NUM_PROCESSES"]),
+      process_id=int(os.environ["CLIPCHAIN_PROCESS_ID"]),
+      initialization_timeout=60,
+    )
+
+
+def study(args, parser) -> int:
+  import jax
+
+  from clipchain.study import report
+  from clipchain.study.study import check_out, run_study
+  from clipchain.study.tasks import get_task
+
+  try:
+    out = check_out(args.out)
+  except ValueError as error:
+    parser.error(f"argument --out: {error}")
+  options = _options(args)
+  tasks = [get_task(name) for name in options.pop("tasks")]
+  _join_processes()
+  recorded = {
+    "tasks": [t.name for t in tasks],
+    **{k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
+    "quick": args.quick,
+    "full": args.full,
+  }
+  try:
+    records, _ = run_study(
+      tasks,
+      **options,
+      out=out,
+      resume=args.resume,
+      progress=sys.stderr.isatty() or args.verbose,
+      verbose=args.verbose,
+      args=recorded,
+    )
+  except KeyboardInterrupt:
+    print(
+      f"\nInterrupted: the finished cells are kept; rerun with --resume to continue into {out}.",
+      file=sys.stderr,
+    )
+    return 130
+  if jax.process_index() == 0:
+    print(report.summary_table(records))
+    print(f"\nReport: {out / 'report.html'} (and report.md, results.json, curves/)")
+  return 0
+
+
+def _one_device_per_core() -> None:
+  """On CPU, one JAX device per core, so that a cell's runs execute in parallel.
+
+  JAX gives the CPU one device by default, and a small program runs on one core; the study shards
+  its runs across devices. Left alone when the user chose a device count, or JAX already started.
+  """
+  import jax
+
+  chosen = os.environ.get("JAX_NUM_CPU_DEVICES") or "device_count" in os.environ.get(
+    "XLA_FLAGS", ""
+  )
+  if not chosen and jax.config.jax_num_cpu_devices in (-1, 1):
+    # Once the backend is initialised the setting is refused: its devices are kept.
+    with contextlib.suppress(RuntimeError):
+      jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+
+
+def main(argv=None) -> int:
+  """Runs ``clipchain COMMAND``; returns the exit code (2 for bad arguments, as argparse)."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  _one_device_per_core()
+  study_parser = parser._subparsers._group_actions[0].choices["study"]
+  return study(args, study_parser)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

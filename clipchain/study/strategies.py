@@ -1,0 +1,193 @@
+"""The strategies and optimizers a study compares, and how each fixed threshold is chosen.
+
+A strategy is a clipchain transform built from :class:`Calibration`, numbers measured the way a
+user would measure them before picking a fixed threshold: on a short warm-up of 20 batches at the
+initial parameters, the median global norm, the median per-leaf norm and the median 99th
+percentile of the absolute values (these two over the leaves and values that are not exactly
+zero), of what the clip will see (the gradient when it is placed
+before the optimizer, the optimizer's first update when it is placed after it). Adaptive strategies
+use their published defaults, except where a default is itself a fixed norm in the units of the
+paper's model (ZClip's cap of 1.0, AdaGC's warm-up clip at 1.0): those take the warm-up median too,
+so that every strategy is compared at the scale of the task at hand.
+
+An optimizer is split into its *direction* (the optimizer without its learning rate) and the final
+``-lr`` scale, so that runs differing only by learning rate are one compiled program (the learning
+rate a traced value) and a clip placed *after* the optimizer sees the update in units of the
+learning rate: clipping the direction at ``c`` is clipping the applied update at ``lr * c``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import optax
+
+import clipchain
+
+#: Where a clip sits in the chain: on the gradient, or on the optimizer's update.
+PLACEMENTS = ("before", "after")
+
+#: Multiples of the warm-up median tried by the fixed global clip's threshold sweep.
+SWEEP_MULTIPLIERS = (0.25, 1.0, 4.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """What a warm-up measured on what the clip will see (see the module docstring)."""
+
+  global_norm: float
+  layer_norm: float
+  abs_p99: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A named clipping strategy: how it is built, and how its threshold was chosen."""
+
+  name: str
+  build: Callable[[Calibration, float], optax.GradientTransformation]
+  rule: str
+  fixed: bool
+  #: One threshold for the whole tree, comparable with the global norm (plotted over time).
+  global_threshold: bool = False
+  #: Wraps the optimizer (a guard) instead of sitting beside it.
+  guard: bool = False
+
+  def threshold(self, calibration: Calibration, multiplier: float) -> float | None:
+    """The fixed threshold this strategy uses, or None for an adaptive one."""
+    if not self.fixed:
+      return None
+    if self.name == "value":
+      return calibration.abs_p99 * multiplier
+    if self.name == "layer":
+      return calibration.layer_norm * multiplier
+    return calibration.global_norm * multiplier
+
+
+def _identity(calibration: Calibration, multiplier: float) -> optax.GradientTransformation:
+  del calibration, multiplier
+  return optax.identity()
+
+
+STRATEGIES: dict[str, Strategy] = {
+  s.name: s
+  for s in (
+    Strategy("none", _identity, "no clipping", fixed=False),
+    Strategy(
+      "value",
+      lambda c, m: clipchain.clip(c.abs_p99 * m),
+      "clip each value at the warm-up median of the 99th percentile of |g|",
+      fixed=True,
+    ),
+    Strategy(
+      "global",
+      lambda c, m: clipchain.clip_by_global_norm(c.global_norm * m),
+      "clip the global norm at the warm-up median global norm",
+      fixed=True,
+      global_threshold=True,
+    ),
+    Strategy(
+      "layer",
+      lambda c, m: clipchain.clip_by_layer_norm(c.layer_norm * m),
+      "clip each leaf's norm at the warm-up median of the per-leaf norms",
+      fixed=True,
+    ),
+    Strategy(
+      "unit",
+      lambda c, m: clipchain.adaptive_grad_clip(0.01),
+      "AGC: each unit's norm at most 0.01 x its parameters' norm (Brock et al. 2021)",
+      fixed=False,
+    ),
+    Strategy(
+      "autoclip",
+      lambda c, m: clipchain.autoclip(),
+      "AutoClip: the 10th percentile of the global norms seen so far (Seetharaman et al. 2020)",
+      fixed=False,
+      global_threshold=True,
+    ),
+    Strategy(
+      "zclip",
+      lambda c, m: clipchain.zclip(max_grad_norm=None),
+      "ZClip: z-score of the global norm over its EMA, z > 2.5 (Kumar et al. 2025); no fixed cap",
+      fixed=False,
+      global_threshold=True,
+    ),
+    Strategy(
+      "quantile",
+      lambda c, m: clipchain.quantile_clip(initial_threshold=c.global_norm),
+      "tracks the median global norm online (Andrew et al. 2021), starting at the warm-up median",
+      fixed=False,
+      global_threshold=True,
+    ),
+    Strategy(
+      "adagc",
+      lambda c, m: clipchain.adagc(warmup_max_norm=c.global_norm),
+      "AdaGC: each leaf at 1.04 x the EMA of its norm (Wang et al. 2025); warm-up clip at the"
+      " warm-up median",
+      fixed=False,
+    ),
+    Strategy(
+      "spam",
+      lambda c, m: clipchain.spam_clip(),
+      "SPAM: values whose square exceeds 5000 x their second moment (Huang et al. 2025)",
+      fixed=False,
+    ),
+    Strategy(
+      "global+skip",
+      lambda c, m: clipchain.clip_by_global_norm(c.global_norm * m),
+      "the global clip, with non-finite and 6-sigma spike steps skipped",
+      fixed=True,
+      global_threshold=True,
+      guard=True,
+    ),
+  )
+}
+
+
+def _sgd() -> optax.GradientTransformation:
+  return optax.trace(decay=0.9)
+
+
+def _rmsprop() -> optax.GradientTransformation:
+  return optax.scale_by_rms(decay=0.9, eps=1e-8)
+
+
+def _adam() -> optax.GradientTransformation:
+  return optax.scale_by_adam()
+
+
+def _adamw() -> optax.GradientTransformation:
+  # optax.adamw's weight decay is added to the direction before the learning rate scales it.
+  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4))
+
+
+#: The direction (the optimizer without its learning rate) of each optimizer, as optax builds it:
+#: ``optax.sgd(lr, momentum=0.9)``, ``optax.rmsprop(lr)``, ``optax.adam(lr)``,
+#: ``optax.adamw(lr, weight_decay=1e-4)``.
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  "sgd": _sgd,
+  "rmsprop": _rmsprop,
+  "adam": _adam,
+  "adamw": _adamw,
+}
+
+#: Learning-rate grids for a task that gives none of its own: log-spaced, stable to unstable.
+DEFAULT_LRS: dict[str, tuple[float, ...]] = {
+  "sgd": (0.01, 0.03, 0.1, 0.3, 1.0),
+  "rmsprop": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
+  "adam": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
+  "adamw": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
+}
+
+
+def direction_with_clip(
+  strategy: Strategy, optimizer: str, placement: str, calibration: Calibration, multiplier: float
+) -> optax.GradientTransformation:
+  """The chain a run applies before its ``-lr`` scale: the clip, placed, around the direction."""
+  clip = strategy.build(calibration, multiplier)
+  direction = OPTIMIZERS[optimizer]()
+  chain = optax.chain(clip, direction) if placement == "before" else optax.chain(direction, clip)
+  if strategy.guard:
+    chain = clipchain.skip_spikes(clipchain.skip_nonfinite(chain))
+  return chain

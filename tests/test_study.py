@@ -1,0 +1,325 @@
+"""clipchain study: its metrics against hand-computed sequences, the runner, resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clipchain.study import Task, metrics, run, run_study
+from clipchain.study import runner as runner_lib
+from clipchain.study.cli import main
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, against sequences worked out by hand.
+
+
+def test_final_loss_is_the_mean_of_the_last_tenth():
+  assert metrics.final_loss(np.arange(1.0, 11.0)) == 10.0  # 10 steps: the last one
+  assert metrics.final_loss(np.arange(1.0, 21.0)) == 19.5  # 20 steps: mean of 19 and 20
+  assert metrics.final_loss(np.array([3.0])) == 3.0
+  assert metrics.final_loss(np.array([1.0, np.nan])) is None
+
+
+def test_best_loss_ignores_non_finite_values():
+  assert metrics.best_loss(np.array([3.0, np.nan, 0.5, np.inf])) == 0.5
+  assert metrics.best_loss(np.array([np.nan, np.nan])) is None
+
+
+@pytest.mark.parametrize(
+  "loss, expected",
+  [
+    ([1.0, 0.5, 0.25], False),  # learns
+    ([1.0, 1.5, 1.9], False),  # final 1.9 <= 2 x 1.0
+    ([1.0, 1.5, 2.5], True),  # final 2.5 > 2 x 1.0
+    ([1.0, 0.5, np.nan, 0.5], True),  # non-finite anywhere, even if it recovers
+    ([1.0, np.inf], True),
+  ],
+)
+def test_diverged(loss, expected):
+  assert metrics.diverged(np.array(loss)) is expected
+
+
+def test_steps_to_target_uses_the_trailing_ten_step_mean():
+  loss = np.array([5.0] * 10 + [0.5] * 10)
+  # The window ending at step t holds t - 9 values of 0.5: its mean is <= 1 from 9 of them on,
+  # (9 * 0.5 + 1 * 5) / 10 = 0.95, i.e. at t = 18.
+  assert metrics.steps_to_target(loss, 1.0) == 18
+  assert metrics.steps_to_target(loss, 0.1) is None
+  assert metrics.steps_to_target(loss, None) is None
+  assert metrics.steps_to_target(np.ones(5), 2.0) is None  # shorter than one window
+
+
+def test_spike_count_counts_onsets_against_the_trailing_median():
+  loss = np.ones(25)
+  spiky = np.concatenate([loss, [3.0, 3.0, 1.0, 1.0, 5.0, 1.0]])
+  assert metrics.spike_count(spiky) == 2  # 3, 3 is one spike (consecutive); 5 another
+  assert metrics.spike_count(np.concatenate([loss, [1.9]])) == 0  # below 2 x median
+  assert metrics.spike_count(np.concatenate([loss, [np.nan, np.nan]])) == 1
+  # Within the first 20 steps nothing is judged.
+  assert metrics.spike_count(np.array([1.0] * 5 + [100.0] + [1.0] * 5)) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A task small enough to run every strategy in seconds: a linear model with a noisy target.
+
+
+def _line_task(**overrides) -> Task:
+  def init(key):
+    return {"w": 0.1 * jax.random.normal(key, (4,)), "b": jnp.zeros(())}
+
+  def loss(params, batch):
+    x, y = batch
+    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+  def batches(key, step):
+    x = jax.random.normal(jax.random.fold_in(key, step), (8, 4))
+    return x, x @ jnp.array([1.0, -2.0, 0.5, 3.0]) + 1.0
+
+  fields = dict(init=init, loss=loss, batches=batches, target_loss=0.1, steps=30)
+  fields.update(overrides)
+  return Task("line", **fields)
+
+
+def test_sgd_explodes_at_a_high_lr_and_the_clip_bounds_it():
+  records = run(
+    _line_task(),
+    strategies=["none", "global"],
+    optimizers=["sgd"],
+    lrs=[0.01, 1.0],
+    seeds=2,
+    steps=30,
+  )
+  main = [r for r in records if not r["sweep"]]
+  none = {(r["lr"], r["seed"]): r for r in main if r["strategy"] == "none"}
+  clipped = {(r["lr"], r["seed"]): r for r in main if r["strategy"] == "global"}
+  for seed in range(2):
+    # Gradient descent with momentum 0.9 on this quadratic is unstable at lr 1: the loss grows
+    # geometrically. Clipped at the warm-up median norm, each step moves at most lr * c, so the
+    # loss can only grow polynomially: still diverged by the rule, but by orders of magnitude less.
+    assert none[(1.0, seed)]["diverged"] and none[(1.0, seed)]["final_loss"] > 1e9
+    assert clipped[(1.0, seed)]["final_loss"] < 1e4
+    assert not none[(0.01, seed)]["diverged"] and not clipped[(0.01, seed)]["diverged"]
+  # The sweep runs the global clip at 0.25 and 4 times the median as well.
+  multipliers = {r["threshold"]["multiplier"] for r in records if r["strategy"] == "global"}
+  assert multipliers == {0.25, 1.0, 4.0}
+  assert all(
+    r["sweep"] == (r["threshold"]["multiplier"] != 1.0)
+    for r in records
+    if r["strategy"] == "global"
+  )
+
+
+def test_records_hold_every_field_and_agree_with_their_curves(tmp_path):
+  records = run(
+    _line_task(),
+    strategies=["none", "zclip"],
+    optimizers=["adam"],
+    lrs=[0.01, 0.1],
+    seeds=2,
+    steps=30,
+    out=tmp_path / "study",
+  )
+  out = tmp_path / "study"
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["runs"] == records
+  assert set(saved["meta"]) >= {"clipchain", "jax", "optax", "devices", "args", "metrics"}
+  assert (out / "report.html").is_file() and (out / "report.md").is_file()
+  assert len(records) == 2 * 2 * 2
+  for record in records:
+    with np.load(out / record["curves"]["file"]) as curves:
+      i = record["curves"]["index"]
+      assert curves["lr"][i] == np.float32(record["lr"]) and curves["seed"][i] == record["seed"]
+      loss = curves["loss"][i]
+      assert loss.shape == (30,)
+      assert record["final_loss"] == pytest.approx(float(np.mean(loss[-3:].astype(np.float64))))
+      assert record["initial_loss"] == pytest.approx(float(loss[0]))
+      assert record["clipped_fraction"] == pytest.approx(float(np.mean(curves["clipped"][i])))
+    assert record["step_cost"] is not None and record["step_cost"] > 0
+    if record["strategy"] == "none":
+      assert record["step_cost"] == 1.0 and record["clipped_fraction"] == 0.0
+
+
+def test_runs_differ_by_seed_and_repeat_exactly():
+  kwargs = dict(strategies=["none"], optimizers=["sgd"], lrs=[0.01], seeds=2, steps=10)
+  first, second = run(_line_task(), **kwargs), run(_line_task(), **kwargs)
+  assert [r["final_loss"] for r in first] == [r["final_loss"] for r in second]
+  assert first[0]["final_loss"] != first[1]["final_loss"]
+
+
+def test_after_placement_clips_the_optimizers_update():
+  records = run(
+    _line_task(),
+    strategies=["global"],
+    optimizers=["adam"],
+    placements=["after"],
+    lrs=[0.01],
+    seeds=1,
+    steps=10,
+  )
+  (record,) = records
+  assert record["placement"] == "after" and not record["sweep"]
+  # Adam's first update is about sign(g) per value: its norm is about sqrt(5) for 5 values.
+  assert record["threshold"]["value"] == pytest.approx(math.sqrt(5), rel=0.05)
+
+
+def test_python_api_refuses_bad_arguments():
+  task = _line_task()
+  with pytest.raises(ValueError, match="'momentum'"):
+    run(task, optimizers=["momentum"])
+  with pytest.raises(ValueError, match="'clipall'"):
+    run(task, strategies=["clipall"])
+  with pytest.raises(ValueError, match=r"lrs.*-0\.1"):
+    run(task, lrs=[-0.1])
+  with pytest.raises(ValueError, match=r"seeds.*0"):
+    run(task, seeds=0)
+  with pytest.raises(TypeError, match="steps"):
+    run(task, steps=2.5)
+  with pytest.raises(TypeError, match="Task"):
+    run_study(["line"])
+  with pytest.raises(TypeError, match="init"):
+    Task("bad", init=None, loss=lambda p, b: 0.0, batches=lambda k, s: 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted and resumed: the same results as one uninterrupted study.
+
+
+def _comparable(records):
+  timing = {"steps_per_second", "step_cost"}
+  return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+def test_resume_after_an_interrupt_equals_an_uninterrupted_study(tmp_path, monkeypatch):
+  kwargs = dict(
+    strategies=["none", "global", "zclip"],
+    optimizers=["sgd"],
+    lrs=[0.01, 0.5],
+    seeds=2,
+    steps=20,
+    sweep=(),
+  )
+  whole, _ = run_study([_line_task()], out=tmp_path / "whole", **kwargs)
+
+  executed = []
+  real = runner_lib.execute_cell
+
+  def interrupted_after_two(cell, *args):
+    if len(executed) == 2:
+      raise KeyboardInterrupt
+    executed.append(cell.name)
+    return real(cell, *args)
+
+  out = tmp_path / "study"
+  monkeypatch.setattr(runner_lib, "execute_cell", interrupted_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    run_study([_line_task()], out=out, **kwargs)
+  # Nothing half-written where the report goes; the two finished cells kept beside it.
+  assert not out.exists()
+  kept = sorted(p.name for p in (tmp_path / ".study.partial").glob("*.json"))
+  assert kept == sorted(f"{name}.json" for name in executed)
+
+  executed.clear()
+  monkeypatch.setattr(
+    runner_lib,
+    "execute_cell",
+    lambda cell, *args: (executed.append(cell.name), real(cell, *args))[1],
+  )
+  resumed, _ = run_study([_line_task()], out=out, resume=True, **kwargs)
+  assert len(executed) == 1  # only the cell that had not finished
+  assert _comparable(resumed) == _comparable(whole)
+  assert not (tmp_path / ".study.partial").exists()
+  saved = json.loads((out / "results.json").read_text())["runs"]
+  assert _comparable(saved) == _comparable(whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _run_cli(args, cwd, env_extra=None, timeout=120):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env.update({"JAX_PLATFORMS": "cpu", **(env_extra or {})})
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
+  return subprocess.run(
+    [sys.executable, "-m", "clipchain", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.mark.parametrize(
+  "args, named",
+  [
+    (["--task", "mnist"], ["--task", "'mnist'"]),
+    (["--strategies", "clipall"], ["--strategies", "'clipall'"]),
+    (["--optimizers", "lion"], ["--optimizers", "'lion'"]),
+    (["--lrs", "0"], ["--lrs", "'0'"]),
+    (["--lrs", "0.1", "-0.001"], ["--lrs", "'-0.001'"]),
+    (["--lrs", "nan"], ["--lrs", "'nan'"]),
+    (["--seeds", "0"], ["--seeds", "'0'"]),
+    (["--steps", "0"], ["--steps", "'0'"]),
+    (["--steps", "ten"], ["--steps", "'ten'"]),
+    (["--placement", "middle"], ["--placement", "'middle'"]),
+    (["--quick", "--full"], ["--full", "--quick"]),
+  ],
+)
+def test_bad_arguments_exit_2_naming_the_argument_and_write_nothing(
+  args, named, tmp_path, monkeypatch, capsys
+):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as exit_info:
+    main(["study", *args, "--out", str(tmp_path / "out")])
+  assert exit_info.value.code == 2
+  message = capsys.readouterr().err
+  for word in named:
+    assert word in message, message
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_path_that_is_a_file_exits_2(tmp_path, capsys):
+  target = tmp_path / "results"
+  target.write_text("not a directory")
+  with pytest.raises(SystemExit) as exit_info:
+    main(["study", "--quick", "--out", str(target)])
+  assert exit_info.value.code == 2
+  message = capsys.readouterr().err
+  assert "--out" in message and str(target) in message
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_help_documents_every_option_with_its_default(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main(["study", "--help"])
+  assert exit_info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for option in (
+    "--task",
+    "--strategies",
+    "--optimizers",
+    "--placement",
+    "--lrs",
+    "--seeds",
+    "--steps",
+    "--out",
+    "--quick",
+    "--full",
+    "--resume",
+  ):
+    assert option in text
+  assert "(default: before)" in text and "(default: clipchain-study)" in text
+  assert "(default: 2)" in text  # seeds
