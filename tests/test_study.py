@@ -321,5 +321,5 @@ def test_help_documents_every_option_with_its_default(capsys):
     "--resume",
   ):
     assert option in text
-  assert "(default: before)" in text and "(default: clipchain-study)" in text
+  assert "(default: both)" in text and "(default: clipchain-study)" in text
   assert "(default: 2)" in text  # seeds

@@ -144,7 +144,7 @@ def _summary_line(cell: runner.Cell, result: runner.CellResult) -> str:
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int):
   if not enabled:
-    yield lambda description: None
+    yield lambda description, runs: None
     return
   from rich.progress import (
     BarColumn,
@@ -159,14 +159,14 @@ def _progress(enabled: bool, total: int):
     TextColumn("{task.description}"),
     BarColumn(),
     MofNCompleteColumn(),
-    TextColumn("cells"),
+    TextColumn("runs"),
     TimeElapsedColumn(),
     TextColumn("ETA"),
     TimeRemainingColumn(),
     transient=False,
   ) as bar:
     handle = bar.add_task("study", total=total)
-    yield lambda description: bar.update(handle, advance=1, description=description)
+    yield lambda description, runs: bar.update(handle, advance=runs, description=description)
 
 
 def run_study(
@@ -223,7 +223,8 @@ def run_study(
       calibrations[where] = runner.calibrate(cell.task, cell.optimizer, cell.placement)
     return calibrations[where]
 
-  with _progress(progress and writer, len(cells)) as advance:
+  total_runs = sum(len(cell.lrs) * cell.seeds for cell in cells)
+  with _progress(progress and writer, total_runs) as advance:
     for cell in cells:
       calibration = calibration_of(cell)
       key = _cell_key(cell, calibration)
@@ -234,7 +235,7 @@ def run_study(
         if partial is not None and writer:
           _save_partial(partial, cell, key, result)
       results.append((cell, result))
-      advance(cell.name)
+      advance(cell.name, len(cell.lrs) * cell.seeds)
       if verbose and writer:
         print(_summary_line(cell, result), file=sys.stderr, flush=True)
   _fill_costs(results)
