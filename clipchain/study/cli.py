@@ -11,10 +11,10 @@ import sys
 
 from clipchain.study.strategies import OPTIMIZERS, PLACEMENTS, STRATEGIES
 
-#: What ``clipchain study`` runs without options (``make demo``, about 2 minutes on 2 CPU cores): the
-#: showcase task, where clipping decides whether training survives, with the two optimizers most
-#: used, both placements, and one strategy of each kind: a value clip, the fixed global clip, AGC,
-#: two adaptive global thresholds and the guarded clip. ``--full`` runs every one.
+#: What ``clipchain study`` runs without options (``make demo``, about 2 minutes on 2 CPU cores):
+#: the showcase task, where clipping decides whether training survives, with the two optimizers
+#: most used, both placements, and one strategy of each kind: a value clip, the fixed global clip,
+#: AGC, two adaptive global thresholds and the guarded clip. ``--full`` runs every one.
 DEFAULT_TASKS = ("rnn-adding",)
 DEFAULT_STRATEGIES = ("none", "value", "global", "unit", "autoclip", "zclip", "global+skip")
 DEFAULT_OPTIMIZERS = ("sgd", "adam")
