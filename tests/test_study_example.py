@@ -1,4 +1,4 @@
-"""examples/study_own_model.py: ``clipchain.study.run`` on a user's Flax model, as a user runs it."""
+"""examples/study_own_model.py: ``clipchain.study.run`` on a user's Flax model."""
 
 import pathlib
 
