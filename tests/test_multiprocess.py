@@ -1,4 +1,4 @@
-"""examples/data_parallel.py across two processes equals the same run in one process.
+"""examples/data_parallel.py and ``clipchain study`` across two processes equal one process.
 
 Two processes on 127.0.0.1 join with ``jax.distributed.initialize`` (2 CPU devices each, a global
 4-device mesh, gloo collectives) and train with a clip and ``skip_nonfinite``; one process with 4
@@ -7,6 +7,7 @@ process 1 only: process 0 must skip it too, from the all-reduced gradient, in th
 Every process is bounded by a timeout and killed if the run fails.
 """
 
+import json
 import os
 import pathlib
 import socket
@@ -145,3 +146,50 @@ def test_only_process_0_prints(runs):
   assert "2 process(es), 4 device(s)" in logs["process_0"]
   assert "step" not in logs["process_1"]
   assert "1 process(es), 4 device(s)" in logs["reference"]
+
+
+def test_study_across_two_processes_equals_one_process(tmp_path):
+  """``clipchain study`` with the runs of each cell sharded over two processes' devices: process 0
+  writes the same results as one process with as many devices; process 1 writes nothing."""
+  args = ["--quick", "--steps", "20", "--seeds", "2"]
+  cluster = {
+    "CLIPCHAIN_COORDINATOR": f"127.0.0.1:{free_port()}",
+    "CLIPCHAIN_NUM_PROCESSES": "2",
+    "JAX_NUM_CPU_DEVICES": "1",
+  }
+  python_path = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
+  inherited = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("XLA_", "JAX_", "CLIPCHAIN_")) and "_proxy" not in k.lower()
+  }
+
+  def study(name, out, env):
+    with open(tmp_path / f"{name}.log", "w") as log:
+      return subprocess.Popen(
+        [sys.executable, "-m", "clipchain", "study", *args, "--out", str(tmp_path / out)],
+        env={**inherited, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu", **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+      )
+
+  procs = {
+    "process_0": study("process_0", "multi", {**cluster, "CLIPCHAIN_PROCESS_ID": "0"}),
+    "process_1": study("process_1", "multi", {**cluster, "CLIPCHAIN_PROCESS_ID": "1"}),
+    "reference": study("reference", "single", {"JAX_NUM_CPU_DEVICES": "2"}),
+  }
+  logs = wait_all(procs, tmp_path)
+  assert "Report:" in logs["process_0"] and "Report:" not in logs["process_1"]
+  timing = {"steps_per_second", "step_cost"}
+  multi, single = (
+    json.loads((tmp_path / out / "results.json").read_text()) for out in ("multi", "single")
+  )
+  assert multi["meta"]["process_count"] == 2 and len(multi["meta"]["devices"]) == 2
+  assert [{k: v for k, v in r.items() if k not in timing} for r in multi["runs"]] == [
+    {k: v for k, v in r.items() if k not in timing} for r in single["runs"]
+  ]
+  for path in sorted((tmp_path / "multi" / "curves").glob("*.npz")):
+    with np.load(path) as a, np.load(tmp_path / "single" / "curves" / path.name) as b:
+      for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{path.name}:{key}")

@@ -370,7 +370,7 @@ def lm(
     steps=steps,
     description=(
       f"A {layers}-layer transformer without QK-layernorm or z-loss predicts a second-order Markov "
-      "corpus; at high learning rates its attention and output logits grow until it diverges."
+      "corpus; at high learning rates SGD diverges and Adam slides back towards the unigram loss."
     ),
   )
 
