@@ -1,12 +1,13 @@
 """clipchain: gradient clipping for JAX and optax, correct, observable and fast.
 
 Every transform is an ``optax.GradientTransformation`` built from one core, :func:`clip_norm`,
-whose two independent choices are *where* a norm is measured (:mod:`clipchain.granularity`) and
-*how* the threshold is set (:mod:`clipchain.thresholds`). Statistics are kept in the state and
+whose three independent choices are *where* a norm is measured (:mod:`clipchain.granularity`),
+*how* the threshold is set (:mod:`clipchain.thresholds`) and *what is done* with it, cap or
+normalise (:mod:`clipchain.rules`). Statistics are kept in the state and
 collected by :func:`stats`.
 """
 
-from clipchain import granularity, thresholds
+from clipchain import granularity, rules, thresholds
 from clipchain._src.clip_norm import ClipNormState, clip_norm
 from clipchain._src.guards.check import check_guards
 from clipchain._src.guards.nonfinite import SkipNonFiniteState, skip_nonfinite
@@ -21,9 +22,12 @@ from clipchain._src.presets.basic import (
   clip_by_global_norm,
   clip_by_layer_norm,
 )
+from clipchain._src.presets.normalize import normalize
 from clipchain._src.presets.quantile import quantile_clip
 from clipchain._src.presets.spam import spam_clip
+from clipchain._src.presets.stable_spam import stable_spam_clip
 from clipchain._src.presets.zclip import zclip
+from clipchain._src.second_moment import ClipBySecondMomentState, clip_by_second_moment
 from clipchain._src.stats import stats
 from clipchain._version import __version__
 
@@ -33,6 +37,7 @@ __all__ = [
   "check_guards",
   "skip_nonfinite",
   "skip_spikes",
+  "ClipBySecondMomentState",
   "ClipNormState",
   "__version__",
   "adagc",
@@ -42,12 +47,16 @@ __all__ = [
   "clip_by_block_rms",
   "clip_by_global_norm",
   "clip_by_layer_norm",
+  "clip_by_second_moment",
   "clip_norm",
   "granularity",
+  "normalize",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
   "quantile_clip",
+  "rules",
   "spam_clip",
+  "stable_spam_clip",
   "stats",
   "thresholds",
   "zclip",

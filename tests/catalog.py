@@ -20,6 +20,7 @@ PRESETS = {
   "quantile_clip": (clipchain.quantile_clip, ()),
   "adagc": (clipchain.adagc, ()),
   "spam_clip": (clipchain.spam_clip, ()),
+  "normalize": (clipchain.normalize, ()),
 }
 
 
@@ -48,6 +49,8 @@ TRANSFORMS = {
   "adagc_unit": lambda: clipchain.adagc(warmup_steps=1, granularity="unit"),
   "spam_clip": lambda: clipchain.spam_clip(warmup_steps=1),
   "spam_clip_layer": lambda: clipchain.spam_clip(warmup_steps=1, granularity="layer"),
+  "normalize": lambda: clipchain.normalize(1.0),
+  "normalize_layer": lambda: clipchain.normalize(0.5, granularity="layer", stabilizer=0.01),
   "skip_nonfinite": lambda: _guarded(spikes=False),
   "skip_spikes": lambda: _guarded(spikes=True),
 }

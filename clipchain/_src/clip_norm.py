@@ -5,6 +5,7 @@ Every named transform in clipchain is a preset of :func:`clip_norm`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ from clipchain._src import distributed, norms
 from clipchain._src import layers as layers_lib
 from clipchain._src import stats as stats_lib
 from clipchain._src.granularity import GranularityLike, as_granularity, broadcast_like, is_scalar
+from clipchain._src.rules import CLIP, RuleLike, as_rule
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
 from clipchain._src.thresholds.fixed import Fixed, Scheduled
 from clipchain._src.validation import check_name
@@ -196,17 +198,21 @@ def clip_norm(
   threshold: ThresholdLike,
   *,
   granularity: GranularityLike = "global",
+  rule: RuleLike = "clip",
+  stabilizer: float = 0.0,
   name: str = "clip_norm",
   axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformation:
-  """Clips updates so that each group's norm is at most a threshold.
+  """Clips updates so that each group's norm is at most a threshold, or normalises it to it.
 
   The general constructor behind every clipchain transform: *where* the norm is measured
-  (``granularity``) and *how* the threshold is set (``threshold``: a number, a schedule or a
-  policy from :mod:`clipchain.thresholds`) are independent choices. Each group ``g`` with norm
-  ``‖g‖`` above the threshold ``c`` is scaled by ``c / ‖g‖``; the element granularity clips values
-  to ``[-c, c]`` (a complex value keeps its phase). Norms are accumulated in float32 whatever the
-  update's dtype, updates keep their dtype, and the scale is applied as one fused multiply (no
+  (``granularity``), *how* the threshold is set (``threshold``: a number, a schedule or a
+  policy from :mod:`clipchain.thresholds`) and *what is done* with it (``rule``) are independent
+  choices. With ``rule="clip"`` each group ``g`` with norm ``‖g‖`` above the threshold ``c`` is
+  scaled by ``c / ‖g‖``; the element granularity clips values to ``[-c, c]`` (a complex value
+  keeps its phase). With ``rule="normalize"`` every group is scaled to norm ``c``, by
+  ``c / (‖g‖ + stabilizer)`` (a zero group stays zero). Norms are accumulated in float32 whatever
+  the update's dtype, updates keep their dtype, and the scale is applied as one fused multiply (no
   second gradient-sized buffer). A threshold that is negative at run time (a schedule, or
   ``optax.inject_hyperparams`` under ``jit``) is taken as 0: the update is clipped to zero, never
   flipped; a NaN threshold gives NaN updates rather than a silently wrong number.
@@ -217,6 +223,13 @@ def clip_norm(
       :class:`clipchain.thresholds.ThresholdPolicy`.
     granularity: ``"global"``, ``"layer"``, ``"unit"``, ``"element"``, or a
       :mod:`clipchain.granularity` object such as ``Layer(layers="module")``.
+    rule: ``"clip"`` (cap each group's norm at the threshold), ``"normalize"`` (set it to the
+      threshold: normalised gradient descent at the global granularity, automatic clipping with a
+      small ``stabilizer``, the LARS trust ratio at the layer granularity with
+      :class:`~clipchain.thresholds.RelativeToParams`), or a :class:`clipchain.rules.Rule`. The
+      element granularity clips only: normalising each value would replace it by ``±c``.
+    stabilizer: with ``rule="normalize"``, added to the norm before dividing, a finite number
+      >= 0.
     name: the name under which :func:`clipchain.stats` reports this transform.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to sum norms across, so that
       a tree split over devices is clipped by its true norm and every device computes the same
@@ -250,6 +263,20 @@ def clip_norm(
   policy = as_policy(threshold)
   where = as_granularity(granularity)
   policy.check_granularity(where)
+  rule = as_rule(rule, stabilizer)
+  if rule != CLIP:
+    if where.one_group_per_value:
+      raise ValueError(
+        f"rule={rule!r} is not meaningful at the {type(where).__name__} granularity: each group is "
+        "one value, and setting a value's magnitude to the threshold replaces every update by "
+        "±threshold (sign descent). Use rule='clip' there, or a coarser granularity."
+      )
+    if "rule" not in inspect.signature(where.clip).parameters:
+      raise ValueError(
+        f"{type(where).__name__}.clip takes no rule argument, so it supports rule='clip' only; got "
+        f"rule={rule!r}. Add a rule parameter to its clip to support other rules."
+      )
+  clip_kwargs = {} if rule == CLIP else {"rule": rule}
   check_name(name)
   axis_names = distributed.as_axis_names(axis_name)
 
@@ -315,7 +342,7 @@ def clip_norm(
     limit = _threshold_like_norms(policy, limit, measured.norms)
     # A negative threshold (a schedule, an injected hyperparameter) clips to 0, never flips signs.
     limit = jax.tree.map(lambda c: jnp.where(c < 0, 0.0, jnp.asarray(c, jnp.float32)), limit)
-    clipped, summary = where.clip(updates, measured, limit, axis_names)
+    clipped, summary = where.clip(updates, measured, limit, axis_names, **clip_kwargs)
     # A non-finite norm must not enter a policy's history, mean or tracker: keep the old state.
     # Nor may a NaN from anywhere else (a NaN hyperparameter injected for one step): an entry that
     # came out NaN keeps its old value, elementwise, in the pass that writes it.

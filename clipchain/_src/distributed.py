@@ -92,6 +92,15 @@ def sum_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...
 
   One collective per distinct set of axes, carrying all the values of that set.
   """
+  return _reduce_across(jax.lax.psum, values, leaves, axis_names)
+
+
+def max_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> list:
+  """Each ``values[i]`` (a max over ``leaves[i]``) maxed over the axes its leaf varies along."""
+  return _reduce_across(jax.lax.pmax, values, leaves, axis_names)
+
+
+def _reduce_across(collective, values, leaves, axis_names) -> list:
   if not axis_names:
     return list(values)
   by_axes: dict[tuple[str, ...], list[int]] = {}
@@ -100,7 +109,7 @@ def sum_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...
   out = list(values)
   for axes, members in by_axes.items():
     if axes:
-      summed = jax.lax.psum([values[i] for i in members], axes)
+      summed = collective([values[i] for i in members], axes)
       for i, value in zip(members, summed):
         out[i] = value
   return out

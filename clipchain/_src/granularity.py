@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from clipchain._src import distributed, norms
 from clipchain._src import layers as layers_lib
+from clipchain._src.rules import CLIP, Rule
 from clipchain._src.validation import check_choice, check_int
 
 
@@ -138,9 +139,12 @@ class Granularity(abc.ABC):
     """The norms of ``tree``, accumulated in float32, summed across ``axis_names``."""
 
   @abc.abstractmethod
-  def clip(self, tree, measured: Measured, threshold, axis_names: tuple[str, ...] = ()):
-    """``(clipped tree, Summary)``: each group scaled by ``min(1, c / norm)``; ``threshold`` is a
-    scalar or a pytree shaped like ``measured.norms``, >= 0."""
+  def clip(
+    self, tree, measured: Measured, threshold, axis_names: tuple[str, ...] = (), rule: Rule = CLIP
+  ):
+    """``(clipped tree, Summary)``: each group scaled by ``rule.factor(norm, c)`` (by default
+    ``min(1, c / norm)``); ``threshold`` is a scalar or a pytree shaped like ``measured.norms``,
+    >= 0. A granularity whose ``clip`` has no ``rule`` parameter supports the default rule only."""
 
   @abc.abstractmethod
   def summarize(self, values, axis_names: tuple[str, ...] = ()) -> jax.Array:
@@ -160,12 +164,12 @@ class Global(Granularity):
     total = distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
     return Measured(norms.safe_sqrt(total), total, total)
 
-  def clip(self, tree, measured, threshold, axis_names=()):
+  def clip(self, tree, measured, threshold, axis_names=(), rule=CLIP):
     threshold = jnp.asarray(threshold, jnp.float32)
-    factor = norms.clip_scale(measured.norms, threshold)
+    factor = rule.factor(measured.norms, threshold)
     clipped = jax.tree.map(lambda x: norms.scale(x, factor), tree)
-    over = norms.exceeds(measured.norms, threshold)
-    return clipped, Summary(factor * measured.norms, over.astype(jnp.float32))
+    changed = rule.changes(measured.norms, threshold)
+    return clipped, Summary(factor * measured.norms, changed.astype(jnp.float32))
 
   def summarize(self, values, axis_names=()) -> jax.Array:
     return jnp.asarray(values, jnp.float32)
@@ -218,13 +222,13 @@ class Layer(Granularity):
       layer_norms = norms.safe_sqrt(layer_squares)
     return Measured(layer_norms, layer_squares, jnp.sum(layer_squares))
 
-  def clip(self, tree, measured, threshold, axis_names=()):
+  def clip(self, tree, measured, threshold, axis_names=(), rule=CLIP):
     grouping = self._grouping(tree)
     threshold = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), jnp.shape(measured.norms))
-    factors = norms.clip_scale(measured.norms, threshold)
+    factors = rule.factor(measured.norms, threshold)
     leaves, treedef = jax.tree.flatten(tree)
     clipped = [norms.scale(x, factors[layer]) for x, layer in zip(leaves, grouping.leaf_layer)]
-    over = norms.exceeds(measured.norms, threshold)
+    over = rule.changes(measured.norms, threshold)
     summary = Summary(
       clipped_norm=norms.safe_sqrt(jnp.sum(factors * factors * measured.squares)),
       clipped_fraction=_fraction(jnp.sum(over), len(grouping.names)),
@@ -295,11 +299,11 @@ class Slices(Granularity):
       jax.tree.unflatten(treedef, unit_norms), jax.tree.unflatten(treedef, squares), total
     )
 
-  def clip(self, tree, measured, threshold, axis_names=()):
+  def clip(self, tree, measured, threshold, axis_names=(), rule=CLIP):
     threshold = broadcast_like(threshold, measured.norms)
-    factors = jax.tree.map(norms.clip_scale, measured.norms, threshold)
+    factors = jax.tree.map(rule.factor, measured.norms, threshold)
     clipped = jax.tree.map(norms.scale, tree, factors)
-    over = jax.tree.map(norms.exceeds, measured.norms, threshold)
+    over = jax.tree.map(rule.changes, measured.norms, threshold)
     clipped_squares = jax.tree.map(lambda f, s: f * f * s, factors, measured.squares)
     summary = Summary(
       clipped_norm=norms.safe_sqrt(self._sum(clipped_squares, axis_names)),
@@ -403,10 +407,20 @@ class Element(Slices):
   """Every value on its own: ``g`` is clipped to ``[-c, c]`` (``optax.clip``).
 
   A complex value keeps its phase: its modulus is clipped to ``c``.
+
+  Args:
+    over: how a value above its threshold is brought under it. ``"clamp"``: set to ``±c``.
+      ``"rescale"``: multiplied by ``c / max|g|``, the largest magnitude of its leaf, so the values
+      over the threshold keep their order and the largest lands on ``c`` (Stable-SPAM's AdaClip).
   """
 
   one_group_per_value: ClassVar[bool] = True
   slices_split_like_leaves: ClassVar[bool] = True
+
+  over: Literal["clamp", "rescale"] = "clamp"
+
+  def __post_init__(self):
+    check_choice("over", self.over, ("clamp", "rescale"))
 
   def reduce_axes(self, shape, path="", *, split=False):
     return ()
@@ -420,19 +434,33 @@ class Element(Slices):
 
   def clip(self, tree, measured, threshold, axis_names=()):
     threshold = broadcast_like(threshold, measured.norms)
+    leaves, treedef = jax.tree.flatten(tree)
+    magnitudes = jax.tree.leaves(measured.norms)
+    if self.over == "rescale":
+      largest = distributed.max_across(
+        [jnp.max(m, initial=0.0) for m in magnitudes], leaves, axis_names
+      )
+    else:
+      largest = [None] * len(leaves)
 
-    def clip_leaf(x, magnitude, c):
+    def clip_leaf(x, magnitude, c, peak):
       acc = norms.accumulation_dtype(x.dtype)
+      if peak is not None:
+        # Over the threshold: scaled by c / (the leaf's largest magnitude), which is <= 1 there.
+        return norms.scale(x, jnp.where(norms.exceeds(magnitude, c), c / peak, 1.0))
       if jnp.iscomplexobj(x):
         return norms.scale(x, norms.clip_scale(magnitude, c))
       c = c.astype(acc)
       return jnp.clip(x.astype(acc), -c, c).astype(norms.output_dtype(x.dtype))
 
-    clipped = jax.tree.map(clip_leaf, tree, measured.norms, threshold)
+    clipped = jax.tree.unflatten(
+      treedef,
+      [clip_leaf(*args) for args in zip(leaves, magnitudes, jax.tree.leaves(threshold), largest)],
+    )
     over = jax.tree.map(norms.exceeds, measured.norms, threshold)
-    leaves = jax.tree.leaves(clipped)
+    clipped_leaves = jax.tree.leaves(clipped)
     clipped_squares = distributed.total_across(
-      [norms.sum_of_squares(x) for x in leaves], leaves, axis_names
+      [norms.sum_of_squares(x) for x in clipped_leaves], clipped_leaves, axis_names
     )
     summary = Summary(
       clipped_norm=norms.safe_sqrt(clipped_squares),

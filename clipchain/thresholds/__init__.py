@@ -20,6 +20,12 @@ from clipchain._src.thresholds.percentile import Percentile, PercentileState
 from clipchain._src.thresholds.quantile import QuantileTracker, QuantileTrackerState
 from clipchain._src.thresholds.relative import RelativeToParams
 from clipchain._src.thresholds.second_moment import SecondMoment, SecondMomentState
+from clipchain._src.thresholds.stable_spam import (
+  MaxEMA,
+  MaxEMAState,
+  NormMoments,
+  NormMomentsState,
+)
 from clipchain._src.thresholds.zscore import ZScore, ZScoreState
 
 __all__ = [
@@ -28,6 +34,10 @@ __all__ = [
   "EMARatioState",
   "EmptyState",
   "Fixed",
+  "MaxEMA",
+  "MaxEMAState",
+  "NormMoments",
+  "NormMomentsState",
   "Percentile",
   "PercentileState",
   "QuantileTracker",
