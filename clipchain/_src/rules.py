@@ -65,9 +65,8 @@ class Normalize(Rule):
     # 0 for a zero group (and a zero denominator): scaling zero by anything leaves it zero, and
     # the gradient through the factor stays finite. A NaN norm gives a NaN factor.
     positive = denominator > 0
-    return jnp.where(
-      positive | jnp.isnan(norm), threshold / jnp.where(positive, denominator, 1.0), 0.0
-    )
+    factor = jnp.where(positive, threshold / jnp.where(positive, denominator, 1.0), 0.0)
+    return jnp.where(jnp.isnan(denominator), denominator, factor)
 
   def changes(self, norm, threshold):
     return ~((norm == threshold) | (norm == 0))
