@@ -131,7 +131,7 @@ def test_reads_the_moment_of_adam_inside_inject_hyperparams_and_chains():
   inner = optax.chain(
     optax.inject_hyperparams(optax.adamw)(
       learning_rate=LR, b1=B1, b2=B2, eps=ADAM_EPS, weight_decay=WD
-    )  # fmt: skip
+    )
   )
   ours, _, _ = _run(clipchain.clip_by_second_moment(inner, b2=B2, eps=CLIP_EPS), params, seq)
   reference, _ = stable_adamw_numpy(params, seq)
@@ -173,7 +173,7 @@ def test_inside_skip_nonfinite_a_nan_step_leaves_params_and_moments_untouched():
   nan_step = dict(seq[4], kernel=np.full(SHAPES["kernel"], np.nan))
   adamw = optax.adamw(LR, b1=B1, b2=B2, eps=ADAM_EPS, weight_decay=WD)
   guarded = clipchain.skip_nonfinite(clipchain.clip_by_second_moment(adamw, b2=B2))
-  ours, stats, state = _run(guarded, params, seq[:4] + [nan_step] + seq[5:])
+  ours, stats, state = _run(guarded, params, [*seq[:4], nan_step, *seq[5:]])
   clean, _, clean_state = _run(
     clipchain.skip_nonfinite(clipchain.clip_by_second_moment(adamw, b2=B2)),
     params,

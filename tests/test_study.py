@@ -75,7 +75,7 @@ def test_spike_count_counts_onsets_against_the_trailing_median():
 # A task small enough to run every strategy in seconds: a linear model with a noisy target.
 
 
-def _line_task(**overrides) -> Task:
+def _line_task(name: str = "line", **overrides) -> Task:
   def init(key):
     return {"w": 0.1 * jax.random.normal(key, (4,)), "b": jnp.zeros(())}
 
@@ -89,7 +89,7 @@ def _line_task(**overrides) -> Task:
 
   fields = dict(init=init, loss=loss, batches=batches, target_loss=0.1, steps=30)
   fields.update(overrides)
-  return Task("line", **fields)
+  return Task(name, **fields)
 
 
 def test_sgd_explodes_at_a_high_lr_and_the_clip_bounds_it():
@@ -225,9 +225,9 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_study(tmp_path, monke
   monkeypatch.setattr(runner_lib, "execute_cell", interrupted_after_two)
   with pytest.raises(KeyboardInterrupt):
     run_study([_line_task()], out=out, **kwargs)
-  # Nothing half-written where the report goes; the two finished cells kept beside it.
-  assert not out.exists()
-  kept = sorted(p.name for p in (tmp_path / ".study.partial").glob("*.json"))
+  # No report written; the two finished cells kept.
+  assert sorted(p.name for p in out.iterdir()) == [".clipchain-partial"]
+  kept = sorted(p.name for p in (out / ".clipchain-partial").glob("*.json"))
   assert kept == sorted(f"{name}.json" for name in executed)
 
   executed.clear()
@@ -239,7 +239,9 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_study(tmp_path, monke
   resumed, _ = run_study([_line_task()], out=out, resume=True, **kwargs)
   assert len(executed) == 1  # only the cell that had not finished
   assert _comparable(resumed) == _comparable(whole)
-  assert not (tmp_path / ".study.partial").exists()
+  assert sorted(p.name for p in out.iterdir()) == [
+    "curves", "plots", "report.html", "report.md", "results.json",
+  ]  # fmt: skip
   saved = json.loads((out / "results.json").read_text())["runs"]
   assert _comparable(saved) == _comparable(whole)
 
@@ -300,6 +302,11 @@ def test_an_output_path_that_is_a_file_exits_2(tmp_path, capsys):
   message = capsys.readouterr().err
   assert "--out" in message and str(target) in message
   assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+  with pytest.raises(SystemExit) as exit_info:
+    main(["study", "--quick", "--out", str(target / "sub")])  # inside a file: cannot be created
+  assert exit_info.value.code == 2
+  assert "--out" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
 def test_help_documents_every_option_with_its_default(capsys):
@@ -323,3 +330,102 @@ def test_help_documents_every_option_with_its_default(capsys):
     assert option in text
   assert "(default: both)" in text and "(default: clipchain-study)" in text
   assert "(default: 2)" in text  # seeds
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories and odd inputs.
+
+
+def test_a_users_files_in_the_output_directory_are_left_alone(tmp_path):
+  out = tmp_path / "mine"
+  (out / "notes").mkdir(parents=True)
+  (out / "precious.txt").write_text("keep me")
+  (out / "notes" / "draft.md").write_text("and me")
+  kwargs = dict(strategies=["none"], optimizers=["sgd"], lrs=[0.01], seeds=1, steps=5)
+  run(_line_task(), out=out, **kwargs)
+  run(_line_task(), out=out, **kwargs)  # a second study replaces only its own files
+  assert (out / "precious.txt").read_text() == "keep me"
+  assert (out / "notes" / "draft.md").read_text() == "and me"
+  assert (out / "results.json").is_file()
+  assert not [p for p in out.iterdir() if p.name.startswith(".clipchain")]
+
+
+def test_the_current_directory_and_a_symlink_are_valid_outputs(tmp_path, monkeypatch):
+  kwargs = dict(strategies=["none"], optimizers=["sgd"], lrs=[0.01], seeds=1, steps=5)
+  monkeypatch.chdir(tmp_path)
+  run(_line_task(), out=".", **kwargs)
+  assert (tmp_path / "report.html").is_file()
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  for _ in range(2):
+    run(_line_task(), out=tmp_path / "link", **kwargs)
+  assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "results.json").is_file()
+
+
+def test_task_names_never_leave_the_output_directory(tmp_path):
+  out = tmp_path / "a" / "study"
+  kwargs = dict(strategies=["none"], optimizers=["sgd"], lrs=[0.01], seeds=1, steps=5, out=out)
+  records = run(_line_task(name="../../escape/me"), **kwargs)
+  assert records[0]["task"] == "../../escape/me"
+  assert records[0]["curves"]["file"] == "curves/_._.._escape_me__sgd__none__before.npz"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+  assert (out / records[0]["curves"]["file"]).is_file()
+
+
+def test_tasks_sharing_a_file_name_are_refused():
+  with pytest.raises(ValueError, match=r"'a/b' and 'a_b' would share file names"):
+    run_study([_line_task(name="a/b"), _line_task(name="a_b")], strategies=["none"])
+
+
+def test_params_must_be_a_non_empty_float_tree():
+  with pytest.raises(TypeError, match=r"every parameter must be a float array.*int32"):
+    run(_line_task(init=lambda key: {"w": jnp.zeros(4, jnp.int32)}), strategies=["none"])
+  with pytest.raises(ValueError, match=r"init returned no parameters"):
+    run(_line_task(init=lambda key: {}), strategies=["none"])
+
+
+def test_lrs_are_checked_against_the_optimizers():
+  with pytest.raises(ValueError, match=r"optimizers that do not exist: \['sgdd'\]"):
+    run(_line_task(), optimizers=["sgd"], lrs={"sgdd": [0.5]})
+  with pytest.raises(TypeError, match=r"lrs must be a sequence.*0.1"):
+    run(_line_task(), lrs=0.1)
+  # An optimizer the mapping does not name uses the task's own grid; duplicates run once.
+  records = run(
+    _line_task(lrs={"adam": (0.02,)}),
+    strategies=["none"],
+    optimizers=["sgd", "adam"],
+    lrs={"sgd": [0.01, 0.01]},
+    seeds=1,
+    steps=5,
+  )
+  assert sorted((r["optimizer"], r["lr"]) for r in records) == [("adam", 0.02), ("sgd", 0.01)]
+
+
+def test_a_task_that_is_nan_at_init_is_a_result_when_nothing_needs_a_warm_up():
+  """``none`` and the adaptive strategies run without the warm-up; every run is diverged."""
+  task = _line_task(loss=lambda params, batch: jnp.nan * jnp.sum(params["w"]))
+  records = run(task, strategies=["none", "zclip"], optimizers=["sgd"], lrs=[0.1], seeds=1, steps=5)
+  assert [r["diverged"] for r in records] == [True, True]
+  assert all(r["final_loss"] is None for r in records)
+  with pytest.raises(ValueError, match=r"warm-up gradients are not finite"):
+    run(task, strategies=["global"], optimizers=["sgd"], lrs=[0.1], seeds=1, steps=5)
+
+
+def test_quick_and_full_change_defaults_but_given_options_win():
+  from clipchain.study.cli import _options, _parser
+
+  def options(*argv):
+    return _options(_parser().parse_args(["study", *argv]))
+
+  quick = options("--quick")
+  assert quick["tasks"] == ("rnn-adding",) and quick["seeds"] == 1 and quick["steps"] == 60
+  given = options("--quick", "--task", "lm", "--seeds", "3", "--optimizers", "adam", "adam",
+                  "--placement", "after")  # fmt: skip
+  assert given["tasks"] == ("lm",) and given["seeds"] == 3 and given["steps"] == 60
+  assert given["optimizers"] == ("adam",) and given["placements"] == ("after",)
+  full = options("--full", "--strategies", "none", "global")
+  assert full["tasks"] == ("rnn-adding", "lm", "heavy-tail") and full["strategies"] == (
+    "none",
+    "global",
+  )
+  assert options()["placements"] == ("before", "after")

@@ -389,3 +389,23 @@ def test_summary_table_is_short_and_marks_the_recommendation():
   marked = [line for line in lines if "*" in line]
   assert len(marked) == 2 and all(" value " in line for line in marked)  # 3/3 and lowest loss
   assert re.search(r"none\s+2/3\s+0\.3$", text, re.M)
+
+
+def test_sweep_picks_the_most_stable_multiplier_among_equally_good_losses(tmp_path):
+  runs = [_run("global", lr, 0.300, multiplier=0.25, sweep=True) for lr in LRS]  # 3/3 stable
+  runs += [_run("global", lr, 0.301 if lr < 0.1 else None) for lr in LRS]  # x1: 2/3
+  runs += [_run("global", lr, 0.299 if lr < 0.01 else None, multiplier=4.0, sweep=True)
+           for lr in LRS]  # fmt: skip
+  runs += [_run("none", lr, 0.3) for lr in LRS]
+  paths = report.write_report(runs, {"metrics": {}}, tmp_path, dpi=40)
+  text = paths["md"].read_text()
+  assert "sgd: the best multiplier is x0.25, stable at 3/3 lrs" in text
+
+
+def test_a_wider_stable_range_is_reported_with_the_loss_reached_there():
+  runs = [_run("none", lr, 0.2 if lr < 0.1 else None) for lr in LRS]
+  runs += [_run("global", lr, 0.19 if lr < 0.1 else 0.9) for lr in LRS]
+  rec = report.recommend(report.rank(runs))
+  assert rec.recommended.strategy == "global"
+  assert "widens the stable range by 1 lr over none" in rec.text
+  assert "(final loss 0.9 at lr 0.1)" in rec.text

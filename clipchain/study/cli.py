@@ -54,10 +54,7 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
   from clipchain.study.tasks import TASKS
 
-  parser = argparse.ArgumentParser(
-    prog="clipchain",
-    description="clipchain's command line.",
-  )
+  parser = argparse.ArgumentParser(prog="clipchain", description="clipchain's command line.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   study = commands.add_parser(
     "study",
@@ -65,53 +62,51 @@ def _parser() -> argparse.ArgumentParser:
     "training stable",
     description="Trains the built-in tasks with every clipping strategy, optimizer, placement, "
     "learning rate and seed, and writes results.json, per-step curves and a report (report.html, "
-    "report.md) to --out.",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    "report.md) to --out. --quick and --full change the defaults; an option given explicitly "
+    "always wins.",
   )
   study.add_argument(
     "--task",
     nargs="+",
     choices=list(TASKS),
-    default=list(DEFAULT_TASKS),
     metavar="NAME",
-    help=f"tasks to train ({', '.join(TASKS)})",
+    help=f"tasks to train, from {', '.join(TASKS)} (default: {' '.join(DEFAULT_TASKS)})",
   )
   study.add_argument(
     "--strategies",
     nargs="+",
     choices=list(STRATEGIES),
-    default=list(DEFAULT_STRATEGIES),
     metavar="NAME",
-    help=f"clipping strategies ({', '.join(STRATEGIES)})",
+    help=f"clipping strategies, from {', '.join(STRATEGIES)} (default: "
+    f"{' '.join(DEFAULT_STRATEGIES)})",
   )
   study.add_argument(
     "--optimizers",
     nargs="+",
     choices=list(OPTIMIZERS),
-    default=list(DEFAULT_OPTIMIZERS),
     metavar="NAME",
-    help=f"optimizers ({', '.join(OPTIMIZERS)})",
+    help=f"optimizers, from {', '.join(OPTIMIZERS)} (default: {' '.join(DEFAULT_OPTIMIZERS)})",
   )
   study.add_argument(
     "--placement",
     choices=[*PLACEMENTS, "both"],
-    default=DEFAULT_PLACEMENT,
-    help="clip the gradient before the optimizer, the optimizer's update after it, or both",
+    help="clip the gradient before the optimizer, the optimizer's update after it, or both "
+    f"(default: {DEFAULT_PLACEMENT})",
   )
   study.add_argument(
     "--lrs",
     nargs="+",
     type=_positive_float,
-    default=None,
     metavar="FLOAT",
-    help="learning rates for every optimizer (default: each task's log grid per optimizer, "
-    "from stable to unstable)",
+    help="learning rates for every optimizer (default: each task's log grid per optimizer, from "
+    "stable to unstable)",
   )
-  study.add_argument("--seeds", type=_positive_int, default=2, metavar="N", help="seeds per lr")
+  study.add_argument(
+    "--seeds", type=_positive_int, metavar="N", help="seeds per learning rate (default: 2)"
+  )
   study.add_argument(
     "--steps",
     type=_positive_int,
-    default=None,
     metavar="N",
     help="training steps per run (default: each task's own)",
   )
@@ -120,23 +115,25 @@ def _parser() -> argparse.ArgumentParser:
     type=pathlib.Path,
     default=pathlib.Path("clipchain-study"),
     metavar="DIR",
-    help="output directory",
+    help="output directory; only the study's own files in it are replaced (default: "
+    "clipchain-study)",
   )
   size = study.add_mutually_exclusive_group()
   size.add_argument(
     "--quick",
     action="store_true",
-    help="a smoke run in seconds: rnn-adding, none/global/zclip, sgd, 60 steps, one seed",
+    help="a smoke run in seconds: by default rnn-adding, none/global/zclip, sgd, before, 60 "
+    "steps, one seed, no threshold sweep",
   )
   size.add_argument(
     "--full",
     action="store_true",
-    help="every task, strategy and optimizer, both placements",
+    help="by default every task, strategy and optimizer, both placements",
   )
   study.add_argument(
     "--resume",
     action="store_true",
-    help="reuse the cells an interrupted study with the same options finished",
+    help="reuse the cells an interrupted study into the same --out finished",
   )
   study.add_argument(
     "-v", "--verbose", action="store_true", help="print a one-line summary per finished cell"
@@ -145,17 +142,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(args) -> dict:
+  """The study's options: the defaults, those of --quick or --full, then what was given."""
   from clipchain.study.strategies import SWEEP_MULTIPLIERS
   from clipchain.study.tasks import TASKS
 
   options = {
-    "tasks": tuple(args.task),
-    "strategies": tuple(args.strategies),
-    "optimizers": tuple(args.optimizers),
-    "placements": PLACEMENTS if args.placement == "both" else (args.placement,),
-    "lrs": args.lrs,
-    "seeds": args.seeds,
-    "steps": args.steps,
+    "tasks": DEFAULT_TASKS,
+    "strategies": DEFAULT_STRATEGIES,
+    "optimizers": DEFAULT_OPTIMIZERS,
+    "placements": PLACEMENTS if DEFAULT_PLACEMENT == "both" else (DEFAULT_PLACEMENT,),
+    "lrs": None,
+    "seeds": 2,
+    "steps": None,
     "sweep": SWEEP_MULTIPLIERS,
   }
   if args.full:
@@ -167,8 +165,20 @@ def _options(args) -> dict:
     )
   if args.quick:
     options.update(QUICK)
-    if args.steps is not None:
-      options["steps"] = args.steps
+  given = {
+    "tasks": args.task,
+    "strategies": args.strategies,
+    "optimizers": args.optimizers,
+    "placements": None
+    if args.placement is None
+    else (PLACEMENTS if args.placement == "both" else (args.placement,)),
+    "lrs": args.lrs,
+    "seeds": args.seeds,
+    "steps": args.steps,
+  }
+  for key, value in given.items():
+    if value is not None:
+      options[key] = tuple(dict.fromkeys(value)) if isinstance(value, list) else value
   return options
 
 

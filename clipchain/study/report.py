@@ -127,6 +127,7 @@ class Row:
     steps_per_second: Mean steps per second of the cell.
     runs: How many runs the row holds.
     stable_runs: How many of them did not diverge.
+    finals: The mean final loss (over seeds) at each stable learning rate.
   """
 
   strategy: str
@@ -144,6 +145,7 @@ class Row:
   steps_per_second: float | None
   runs: int
   stable_runs: int
+  finals: dict = dataclasses.field(default_factory=dict)
 
   @property
   def n_stable(self) -> int:
@@ -223,6 +225,7 @@ def summarize(runs: Sequence[dict]) -> Row:
     steps_per_second=_mean(r.get("steps_per_second") for r in runs),
     runs=len(runs),
     stable_runs=sum(not _diverged(r) for r in runs),
+    finals=finals,
   )
 
 
@@ -338,11 +341,18 @@ def recommend(rows: Sequence[Row]) -> Recommendation:
       )
     return Recommendation(verdict, None, tuple(worse), f"{lead} {base_text}{worse_text}")
   gained = top.n_stable - base.n_stable
-  if gained:
+  if gained > 0:
     widen = f"it widens the stable range by {gained} lr{'s' if gained != 1 else ''} over none"
     if top.stable_lrs and base.stable_lrs and top.stable_lrs[-1] != base.stable_lrs[-1]:
       ratio = top.stable_lrs[-1] / base.stable_lrs[-1]
       widen += f", highest stable lr {_lr_text(top.stable_lrs[-1])} ({ratio:.3g}x none's)"
+    # Not diverging is not learning: say what the extra learning rates reached.
+    extra = [lr for lr in top.stable_lrs if lr not in base.stable_lrs]
+    widen += (
+      " (final loss "
+      + ", ".join(f"{_num(top.finals.get(lr))} at lr {_lr_text(lr)}" for lr in extra)
+      + ")"
+    )
   elif gained < 0:
     widen = (
       f"it lowers the best final loss by more than 5% but is stable at {-gained} "
@@ -737,7 +747,8 @@ def _header(doc: _Doc, study: _Study, all_runs: Sequence[dict]) -> None:
       f"Strategies: {', '.join(_strategy_order(r['strategy'] for r in all_runs)) or _DASH}.",
       f"Optimizers: {', '.join(sorted({r['optimizer'] for r in all_runs})) or _DASH}.",
       f"Placements: {', '.join(_placement_order(r['placement'] for r in all_runs)) or _DASH}.",
-      f"Seeds: {', '.join(str(s) for s in sorted({r['seed'] for r in all_runs})) or _DASH}.",
+      f"Seeds per learning rate: {len({r['seed'] for r in all_runs})} "
+      f"({', '.join(str(s) for s in sorted({r['seed'] for r in all_runs})) or _DASH}).",
       f"Started: {meta.get('started', _DASH)}; took "
       f"{_DASH if seconds is None else f'{seconds:.0f}'} s.",
       f"Devices: {', '.join(map(str, meta.get('devices') or [])) or _DASH} "
@@ -1042,13 +1053,17 @@ def _sweep(doc: _Doc, study: _Study, task: str) -> None:
     "(x1 is the threshold used everywhere else in this report): final loss against the learning "
     "rate, one line per multiplier, an x at the top edge where a seed diverged. A threshold that "
     "is too small slows learning (the line rises); one too large stops protecting (x marks move "
-    "left). The best multiplier is the one stable at the most learning rates, then with the lowest "
-    "best final loss."
+    "left). The best multiplier is chosen by the rule of the recommendations: among those whose "
+    f"best final loss is within {SAME_LOSS_TOLERANCE:.0%} of the lowest, the one stable at the "
+    "most learning rates (ties: the smaller multiplier)."
   )
   opts = sorted({r["optimizer"] for r in runs})
   from matplotlib import colormaps
 
   multipliers = sorted({_multiplier(r) for r in runs})
+  if len(multipliers) == 1:
+    doc.para(f"Only multiplier x{multipliers[0]:g} was run: the sweep was off in this study.")
+    return
   cmap = colormaps["viridis"]
   shade = {
     f"x{m:g}": cmap(0.85 * i / max(1, len(multipliers) - 1)) for i, m in enumerate(multipliers)
@@ -1059,11 +1074,17 @@ def _sweep(doc: _Doc, study: _Study, task: str) -> None:
     ms = sorted({_multiplier(r) for r in runs_o})
     lines = [(f"x{m:g}", [r for r in runs_o if _multiplier(r) == m]) for m in ms]
     groups.append((opt, lines))
-    # Ties go to the smaller multiplier: the tighter clip that did as well.
-    scored = [
-      (rank_key(summarize(rs)), m, label, summarize(rs)) for m, (label, rs) in zip(ms, lines)
+    rows = [summarize(rs) for _, rs in lines]
+    by_loss = sorted(range(len(ms)), key=lambda i: (rank_key(rows[i])[0], ms[i]))
+    top = rows[by_loss[0]]
+    close = [
+      i
+      for i in by_loss
+      if (_relative(rows[i].best_final, top.best_final) or 0.0) <= SAME_LOSS_TOLERANCE
     ]
-    *_, label, best = min(scored, key=lambda t: t[:2])
+    # Ties go to the smaller multiplier: the tighter clip that did as well.
+    chosen = min(close, key=lambda i: (-rows[i].n_stable, ms[i]))
+    label, best = lines[chosen][0], rows[chosen]
     if len(ms) == 1:
       sentences.append(f"{opt}: only multiplier {label} was run.")
     else:
@@ -1154,7 +1175,10 @@ def _cost(doc: _Doc, study: _Study, task: str, task_runs: list[dict]) -> None:
     "Time per step of each strategy relative to none with the same optimizer and placement (1.00 "
     "means no overhead; 1.20 means 20% slower), and the steps per second behind it. Both were "
     "measured in this same study run on the same devices, so they compare strategies with each "
-    "other, not with other machines; a dash means none was not run to compare against."
+    "other, not with other machines; a dash means none was not run to compare against. Each cell "
+    "is timed once, compile excluded, while the machine may be doing other work: differences of "
+    "less than about 20% are within the noise of one timing (the benchmarks in benchmarks/ "
+    "measure costs paired and repeated)."
   )
   opts = sorted({r["optimizer"] for r in task_runs})
   header = ["strategy", "placement"]

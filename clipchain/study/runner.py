@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -37,6 +38,13 @@ from clipchain.study.task import Task
 WARMUP_BATCHES = 20
 
 
+def file_safe(name: str) -> str:
+  """``name`` with every character but letters, digits, ``.``, ``_`` and ``-`` replaced by ``_``,
+  and no leading dot: a task named ``"../x"`` or ``"a/b"`` cannot write outside the study."""
+  safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+  return "_" + safe[1:] if safe.startswith(".") else safe
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One compiled program of the study: every learning rate and seed of one combination."""
@@ -56,10 +64,10 @@ class Cell:
 
   @property
   def name(self) -> str:
-    """A file-name-safe identifier, unique within a study."""
+    """A file-name-safe identifier, unique within a study (task names are unique in one)."""
     strategy = self.strategy.name.replace("+", "-")
     suffix = f"-x{self.multiplier:g}" if self.sweep else ""
-    return f"{self.task.name}__{self.optimizer}__{strategy}{suffix}__{self.placement}"
+    return f"{file_safe(self.task.name)}__{self.optimizer}__{strategy}{suffix}__{self.placement}"
 
   def runs(self) -> tuple[np.ndarray, np.ndarray]:
     """The learning rate and seed of each run, learning rate major."""

@@ -53,6 +53,13 @@ class Strategy:
   global_threshold: bool = False
   #: Wraps the optimizer (a guard) instead of sitting beside it.
   guard: bool = False
+  #: Built from the warm-up's :class:`Calibration` (every fixed threshold, and adaptive ones that
+  #: start from or fall back to the warm-up median); the others never run the warm-up.
+  calibrated: bool = False
+
+  def __post_init__(self):
+    if self.fixed:
+      object.__setattr__(self, "calibrated", True)
 
   def threshold(self, calibration: Calibration, multiplier: float) -> float | None:
     """The fixed threshold this strategy uses, or None for an adaptive one."""
@@ -119,6 +126,7 @@ STRATEGIES: dict[str, Strategy] = {
       "tracks the median global norm online (Andrew et al. 2021), starting at the warm-up median",
       fixed=False,
       global_threshold=True,
+      calibrated=True,
     ),
     Strategy(
       "adagc",
@@ -126,6 +134,7 @@ STRATEGIES: dict[str, Strategy] = {
       "AdaGC: each leaf at 1.04 x the EMA of its norm (Wang et al. 2025); warm-up clip at the"
       " warm-up median",
       fixed=False,
+      calibrated=True,
     ),
     Strategy(
       "spam",

@@ -11,9 +11,10 @@ import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clipchain._version import __version__
@@ -52,6 +53,17 @@ def _check_positive_int(name: str, value) -> int:
 
 
 def _check_lrs(lrs, task: Task, optimizers) -> dict[str, tuple[float, ...]]:
+  if lrs is not None and (isinstance(lrs, (str, bytes)) or not isinstance(lrs, Iterable)):
+    raise TypeError(
+      f"lrs must be a sequence of learning rates, a mapping {{optimizer: sequence}} or None; "
+      f"got {lrs!r}."
+    )
+  if isinstance(lrs, Mapping):
+    unknown = [k for k in lrs if k not in OPTIMIZERS]
+    if unknown:
+      raise ValueError(
+        f"lrs names optimizers that do not exist: {unknown}; choose from {', '.join(OPTIMIZERS)}."
+      )
   grids = {}
   for optimizer in optimizers:
     if lrs is None:
@@ -60,6 +72,8 @@ def _check_lrs(lrs, task: Task, optimizers) -> dict[str, tuple[float, ...]]:
       grid = lrs.get(optimizer, task.lrs.get(optimizer, DEFAULT_LRS[optimizer]))
     else:
       grid = lrs
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Iterable):
+      raise TypeError(f"lrs for {optimizer} must be a sequence of numbers, got {grid!r}.")
     grid = tuple(grid)
     if not grid:
       raise ValueError(f"lrs must hold at least one learning rate, got {grid!r}.")
@@ -68,20 +82,57 @@ def _check_lrs(lrs, task: Task, optimizers) -> dict[str, tuple[float, ...]]:
         raise TypeError(f"lrs must be numbers, got {lr!r}.")
       if not np.isfinite(lr) or lr <= 0:
         raise ValueError(f"lrs must be positive and finite, got {lr!r}.")
-    grids[optimizer] = tuple(sorted(float(lr) for lr in grid))
+    grids[optimizer] = tuple(sorted({float(lr) for lr in grid}))
   return grids
 
 
+def _check_tasks(tasks) -> None:
+  """Tasks are ``Task`` objects with distinct names whose params are a non-empty float pytree."""
+  seen: dict[str, str] = {}
+  for task in tasks:
+    if not isinstance(task, Task):
+      raise TypeError(f"task must be a clipchain.study.Task, got {task!r}.")
+    safe = runner.file_safe(task.name)
+    if safe in seen:
+      raise ValueError(
+        f"tasks {seen[safe]!r} and {task.name!r} would share file names; give every task of a "
+        "study its own name."
+      )
+    seen[safe] = task.name
+    shapes = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+    leaves = jax.tree.leaves(shapes)
+    if not leaves:
+      raise ValueError(f"Task {task.name!r}: init returned no parameters ({shapes!r}).")
+    not_float = [leaf.dtype for leaf in leaves if not jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if not_float:
+      raise TypeError(
+        f"Task {task.name!r}: every parameter must be a float array (they are differentiated); "
+        f"init returned leaves of dtype {sorted({str(d) for d in not_float})}."
+      )
+
+
+#: What a study writes into its output directory; nothing else there is ever touched.
+OUTPUTS = ("curves", "plots", "report.md", "report.html", "results.json")
+#: Finished cells of a study still running (or interrupted), inside the output directory.
+PARTIAL = ".clipchain-partial"
+#: Where the results and report are written before they are moved into place.
+STAGING = ".clipchain-writing"
+
+
 def check_out(out) -> pathlib.Path:
-  """The output directory: refused when it is an existing file."""
+  """The output directory, created now: refused when it is a file or cannot be created."""
+  if not isinstance(out, (str, os.PathLike)):
+    raise TypeError(f"out must be a path (str or os.PathLike), got {out!r}.")
   out = pathlib.Path(out)
   if out.exists() and not out.is_dir():
     raise ValueError(f"out must be a directory, but {str(out)!r} is a file.")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise ValueError(f"out {str(out)!r} cannot be created: {error.strerror or error}.") from None
+  if not os.access(out, os.W_OK):
+    raise ValueError(f"out {str(out)!r} is not writable.")
   return out
-
-
-def _partial_dir(out: pathlib.Path) -> pathlib.Path:
-  return out.parent / f".{out.name}.partial"
 
 
 def _cell_key(cell: runner.Cell, calibration) -> str:
@@ -90,7 +141,11 @@ def _cell_key(cell: runner.Cell, calibration) -> str:
     "lrs": cell.lrs,
     "seeds": cell.seeds,
     "steps": cell.steps,
-    "calibration": [calibration.global_norm, calibration.layer_norm, calibration.abs_p99],
+    "calibration": (
+      None
+      if calibration is None
+      else [calibration.global_norm, calibration.layer_norm, calibration.abs_p99]
+    ),
     "clipchain": __version__,
   }
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -192,9 +247,7 @@ def run_study(
   seeds = _check_positive_int("seeds", seeds)
   if steps is not None:
     steps = _check_positive_int("steps", steps)
-  for task in tasks:
-    if not isinstance(task, Task):
-      raise TypeError(f"task must be a clipchain.study.Task, got {task!r}.")
+  _check_tasks(tasks)
   grids = {task.name: _check_lrs(lrs, task, optimizers) for task in tasks}
   out = None if out is None else check_out(out)
 
@@ -212,12 +265,14 @@ def run_study(
       steps=steps or task.steps,
       sweep=sweep,
     )
-  partial = None if out is None else _partial_dir(out)
+  partial = None if out is None else out / PARTIAL
   writer = jax.process_index() == 0
   calibrations = {}
   results = []
 
   def calibration_of(cell):
+    if not cell.strategy.calibrated:
+      return None
     where = (cell.task.name, cell.placement, cell.optimizer if cell.placement == "after" else "")
     if where not in calibrations:
       calibrations[where] = runner.calibrate(cell.task, cell.optimizer, cell.placement)
@@ -293,12 +348,16 @@ def _version(package: str) -> str | None:
 
 
 def write(out: pathlib.Path, records, meta, curves: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-  """Writes results, curves and report to a temporary directory, then moves it into place."""
+  """Writes results, curves and report to a staging directory, then moves each into ``out``.
+
+  Only the study's own outputs (:data:`OUTPUTS`) are replaced; anything else in ``out`` is left
+  alone. ``results.json`` is moved last, so that it never describes a report not yet in place.
+  """
   from clipchain.study import report
 
   out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = out.parent / f".{out.name}.writing"
+  out.mkdir(parents=True, exist_ok=True)
+  staging = out / STAGING
   shutil.rmtree(staging, ignore_errors=True)
   (staging / "curves").mkdir(parents=True)
   for name, arrays in curves.items():
@@ -306,12 +365,15 @@ def write(out: pathlib.Path, records, meta, curves: Mapping[str, Mapping[str, np
   payload = {"meta": meta, "runs": records}
   (staging / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
   report.write_report(records, meta, staging)
-  retired = out.parent / f".{out.name}.old"
-  shutil.rmtree(retired, ignore_errors=True)
-  if out.exists():
-    os.replace(out, retired)
-  os.replace(staging, out)
-  shutil.rmtree(retired, ignore_errors=True)
+  for name in OUTPUTS:
+    target = out / name
+    if target.is_dir() and not target.is_symlink():
+      shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+      target.unlink()
+    if (staging / name).exists():
+      os.replace(staging / name, target)
+  shutil.rmtree(staging, ignore_errors=True)
 
 
 def run(
