@@ -21,6 +21,7 @@ PRESETS = {
   "adagc": (clipchain.adagc, ()),
   "spam_clip": (clipchain.spam_clip, ()),
   "normalize": (clipchain.normalize, ()),
+  "stable_spam_clip": (clipchain.stable_spam_clip, ()),
 }
 
 
@@ -51,6 +52,8 @@ TRANSFORMS = {
   "spam_clip_layer": lambda: clipchain.spam_clip(warmup_steps=1, granularity="layer"),
   "normalize": lambda: clipchain.normalize(1.0),
   "normalize_layer": lambda: clipchain.normalize(0.5, granularity="layer", stabilizer=0.01),
+  "stable_spam_clip": lambda: clipchain.stable_spam_clip(theta=0.9),
+  "clip_by_second_moment": lambda: clipchain.clip_by_second_moment(optax.adam(0.1), b2=0.999),
   "skip_nonfinite": lambda: _guarded(spikes=False),
   "skip_spikes": lambda: _guarded(spikes=True),
 }

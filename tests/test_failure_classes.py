@@ -59,6 +59,11 @@ def _expected(name, grads):
     return jax.tree.map(lambda g: g / total, grads)
   if name == "normalize_layer":  # each leaf set to norm 0.5, stabilizer 0.01
     return jax.tree.map(lambda g: g * (0.5 / (_norm(g) + 0.01)), grads)
+  if name == "stable_spam_clip":  # first step: nothing above the max; AdaGN sets each leaf to 1
+    return jax.tree.map(lambda g: g / _norm(g), grads)
+  if name == "clip_by_second_moment":  # RMS is 1 on the first step: Adam's own update
+    adam = optax.adam(0.1)
+    return adam.update(grads, adam.init(grads))[0]
   return grads
 
 
@@ -68,7 +73,9 @@ def test_complex_leaves_keep_their_imaginary_part(name):
   grads = jax.tree.map(lambda g: (g + 1j * g[..., None].sum(-1) / 2).astype(jnp.complex64), small())
   params = jax.tree.map(lambda p: p.astype(jnp.complex64), PARAMS)
   updates, _ = run(TRANSFORMS[name](), [grads], params)
-  chex.assert_trees_all_close(updates, _expected(name, grads), rtol=1e-6)
+  # Stable-SPAM's AdaGN divides a moment of the norm by another: a few float32 roundings.
+  rtol = 1e-5 if name == "stable_spam_clip" else 1e-6
+  chex.assert_trees_all_close(updates, _expected(name, grads), rtol=rtol)
   assert all(jnp.iscomplexobj(u) for u in jax.tree.leaves(updates))
 
 
@@ -252,7 +259,13 @@ def test_statistics_that_would_share_a_key_are_refused():
 
 
 def _buffers(state) -> list[int]:
-  return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+  """The device buffers of every array of ``state``, every shard of a sharded one."""
+  return [
+    shard.data.unsafe_buffer_pointer()
+    for x in jax.tree.leaves(state)
+    if isinstance(x, jax.Array)
+    for shard in x.addressable_shards
+  ]
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)

@@ -447,7 +447,9 @@ class Element(Slices):
       acc = norms.accumulation_dtype(x.dtype)
       if peak is not None:
         # Over the threshold: scaled by c / (the leaf's largest magnitude), which is <= 1 there.
-        return norms.scale(x, jnp.where(norms.exceeds(magnitude, c), c / peak, 1.0))
+        # A zero leaf has nothing over it; the stand-in keeps jax.grad finite there.
+        over = norms.exceeds(magnitude, c)
+        return norms.scale(x, jnp.where(over, c / jnp.where(peak > 0, peak, 1.0), 1.0))
       if jnp.iscomplexobj(x):
         return norms.scale(x, norms.clip_scale(magnitude, c))
       c = c.astype(acc)

@@ -16,7 +16,7 @@ from clipchain._src.guards.skipping import check_inner
 from clipchain._src.validation import check_choice, check_name, check_number
 
 
-@stats_lib.register_state("name", "layer_names")
+@stats_lib.register_state("name", "layer_names", "signature")
 class ClipBySecondMomentState(NamedTuple):
   """State of :func:`clip_by_second_moment`.
 
@@ -26,6 +26,7 @@ class ClipBySecondMomentState(NamedTuple):
     scale: each group's factor ``1 / max(1, rms)`` at the last step.
     name: the name under which :func:`clipchain.stats` reports (static).
     layer_names: the groups, in the order of ``rms`` (static).
+    signature: the paths and shapes of the tree given to ``init`` (static).
   """
 
   inner_state: Any
@@ -33,6 +34,7 @@ class ClipBySecondMomentState(NamedTuple):
   scale: jax.Array
   name: str = "clip_by_second_moment"
   layer_names: tuple[str, ...] = ()
+  signature: TreeSignature | None = None
 
   def report(self) -> dict[str, jax.Array]:
     count = max(len(self.layer_names), 1)
@@ -152,10 +154,13 @@ def clip_by_second_moment(
       scale=jnp.ones((n,), jnp.float32),
       name=name,
       layer_names=where.groups(params).names,
+      signature=TreeSignature(params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     distributed.check_bound(axis_names, name)
+    if state.signature is not None:
+      check_same_tree(name, state.signature, updates)
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     moment = _moment_state(inner_state)
     b2_ = jnp.asarray(b2, jnp.float32)
@@ -163,9 +168,12 @@ def clip_by_second_moment(
     floor = jnp.asarray(eps, jnp.float32) ** 2
 
     def ratio(g, nu):
-      v_hat = nu.astype(jnp.float32) / correction
-      # g / sqrt(max(v̂, eps²)): its mean square is the RMS the paper defines.
-      return g.astype(jnp.float32) * jax.lax.rsqrt(jnp.maximum(v_hat, floor))
+      # optax keeps a complex parameter's nu in its dtype, with |g|² in the real part.
+      v_hat = jnp.real(nu).astype(jnp.float32) / correction
+      # |g| / sqrt(max(v̂, eps²)): its mean square is the RMS the paper defines (|g| for a
+      # complex gradient, whose second moment optax keeps as |g|²).
+      magnitude = jnp.abs(g) if jnp.iscomplexobj(g) else g
+      return magnitude.astype(jnp.float32) * jax.lax.rsqrt(jnp.maximum(v_hat, floor))
 
     measured = where.measure(jax.tree.map(ratio, updates, moment.nu), axis_names)
     scaled, _ = where.clip(new_updates, measured, jnp.ones((), jnp.float32), axis_names)
@@ -176,6 +184,7 @@ def clip_by_second_moment(
       scale=norms.clip_scale(rms, 1.0),
       name=name,
       layer_names=state.layer_names,
+      signature=state.signature,
     )
     return scaled, new_state
 
