@@ -429,3 +429,22 @@ def test_quick_and_full_change_defaults_but_given_options_win():
     "global",
   )
   assert options()["placements"] == ("before", "after")
+
+
+def test_stable_adamw_wraps_adam_family_optimizers_after_only():
+  records = run(
+    _line_task(),
+    strategies=["none", "stable-adamw", "stable-spam", "normalize"],
+    optimizers=["sgd", "adam"],
+    placements=["before", "after"],
+    lrs=[0.01],
+    seeds=1,
+    steps=10,
+  )
+  ran = {(r["strategy"], r["optimizer"], r["placement"]) for r in records}
+  assert ("stable-adamw", "adam", "after") in ran
+  # SGD keeps no second moment, and StableAdamW clips the update: nothing else runs.
+  assert not {k for k in ran if k[0] == "stable-adamw"} - {("stable-adamw", "adam", "after")}
+  assert {("stable-spam", "sgd", "before"), ("normalize", "adam", "after")} <= ran
+  normalized = [r for r in records if r["strategy"] == "normalize"]
+  assert all(r["threshold"]["value"] is not None for r in normalized)

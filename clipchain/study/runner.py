@@ -30,6 +30,7 @@ from clipchain.study.strategies import (
   STRATEGIES,
   Calibration,
   Strategy,
+  applies,
   direction_with_clip,
 )
 from clipchain.study.task import Task
@@ -118,21 +119,10 @@ def _find(tree, key):
   return found[0]
 
 
-def _chain(cell: Cell, calibration: Calibration) -> optax.GradientTransformation:
-  probe = _norm_probe()
-  inner = direction_with_clip(
-    cell.strategy, cell.optimizer, cell.placement, calibration, cell.multiplier
+def _chain(cell: Cell, calibration: Calibration | None) -> optax.GradientTransformation:
+  return direction_with_clip(
+    cell.strategy, cell.optimizer, cell.placement, calibration, cell.multiplier, _norm_probe()
   )
-  # The probe sits right where the clip reads its input: first for a clip before the optimizer,
-  # after the direction for a clip after it.
-  if cell.placement == "before":
-    return optax.chain(probe, inner)
-  direction = OPTIMIZERS[cell.optimizer]()
-  clip = cell.strategy.build(calibration, cell.multiplier)
-  chain = optax.chain(direction, probe, clip)
-  if cell.strategy.guard:
-    chain = clipchain.skip_spikes(clipchain.skip_nonfinite(chain))
-  return chain
 
 
 def _step_statistics(state, strategy: Strategy) -> dict[str, jax.Array]:
@@ -354,6 +344,8 @@ def cells_for(
         multipliers = (1.0,)
         if name == "global" and placement == "before":
           multipliers = tuple(sorted(set(sweep) | {1.0}))
+        if not applies(STRATEGIES[name], optimizer, placement):
+          continue
         for m in multipliers:
           cells.append(
             Cell(task, STRATEGIES[name], optimizer, placement, m, lrs[optimizer], seeds, steps)

@@ -56,6 +56,11 @@ class Strategy:
   #: Built from the warm-up's :class:`Calibration` (every fixed threshold, and adaptive ones that
   #: start from or fall back to the warm-up median); the others never run the warm-up.
   calibrated: bool = False
+  #: Clips the optimizer's update relative to its own state, so it wraps the optimizer: it is
+  #: update clipping by nature and runs in placement "after" only.
+  wraps_optimizer: bool = False
+  #: The optimizers it applies to (None: all).
+  optimizers: tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.fixed:
@@ -143,6 +148,28 @@ STRATEGIES: dict[str, Strategy] = {
       fixed=False,
     ),
     Strategy(
+      "normalize",
+      lambda c, m: clipchain.normalize(c.global_norm * m),
+      "set the global norm to the warm-up median global norm (normalised gradient descent)",
+      fixed=True,
+      global_threshold=True,
+    ),
+    Strategy(
+      "stable-adamw",
+      lambda c, m: optax.identity(),
+      "StableAdamW: the update of each tensor divided by max(1, RMS(g / sqrt(v_hat))) "
+      "(Wortsman et al. 2023); Adam-family optimizers, after only",
+      fixed=False,
+      wraps_optimizer=True,
+      optimizers=("rmsprop", "adam", "adamw"),
+    ),
+    Strategy(
+      "stable-spam",
+      lambda c, m: clipchain.stable_spam_clip(),
+      "Stable-SPAM's AdaClip then AdaGN per tensor (Huang et al. 2025), its defaults",
+      fixed=False,
+    ),
+    Strategy(
       "global+skip",
       lambda c, m: clipchain.clip_by_global_norm(c.global_norm * m),
       "the global clip, with non-finite and 6-sigma spike steps skipped",
@@ -181,6 +208,9 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "adamw": _adamw,
 }
 
+#: The decay of each optimizer's second moment (optax's defaults), for StableAdamW's correction.
+SECOND_MOMENT_DECAY = {"rmsprop": 0.9, "adam": 0.999, "adamw": 0.999}
+
 #: Learning-rate grids for a task that gives none of its own: log-spaced, stable to unstable.
 DEFAULT_LRS: dict[str, tuple[float, ...]] = {
   "sgd": (0.01, 0.03, 0.1, 0.3, 1.0),
@@ -191,12 +221,37 @@ DEFAULT_LRS: dict[str, tuple[float, ...]] = {
 
 
 def direction_with_clip(
-  strategy: Strategy, optimizer: str, placement: str, calibration: Calibration, multiplier: float
+  strategy: Strategy,
+  optimizer: str,
+  placement: str,
+  calibration: Calibration | None,
+  multiplier: float,
+  probe: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
-  """The chain a run applies before its ``-lr`` scale: the clip, placed, around the direction."""
-  clip = strategy.build(calibration, multiplier)
+  """The chain a run applies before its ``-lr`` scale: the clip, placed, around the direction.
+
+  ``probe``, when given, is put right where the clip reads its input (first for a clip before the
+  optimizer, after the direction for one after it), to record what the clip sees.
+  """
   direction = OPTIMIZERS[optimizer]()
-  chain = optax.chain(clip, direction) if placement == "before" else optax.chain(direction, clip)
+  seen = [] if probe is None else [probe]
+  if strategy.wraps_optimizer:
+    # Update clipping relative to the optimizer's own state: it wraps the direction.
+    return clipchain.clip_by_second_moment(
+      optax.chain(direction, *seen), b2=SECOND_MOMENT_DECAY[optimizer]
+    )
+  clip = strategy.build(calibration, multiplier)
+  if placement == "before":
+    chain = optax.chain(*seen, clip, direction)
+  else:
+    chain = optax.chain(direction, *seen, clip)
   if strategy.guard:
     chain = clipchain.skip_spikes(clipchain.skip_nonfinite(chain))
   return chain
+
+
+def applies(strategy: Strategy, optimizer: str, placement: str) -> bool:
+  """Whether ``strategy`` is run with ``optimizer`` in ``placement`` (see :class:`Strategy`)."""
+  if strategy.optimizers is not None and optimizer not in strategy.optimizers:
+    return False
+  return not (strategy.wraps_optimizer and placement != "after")
