@@ -86,6 +86,20 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "adagc + adam": lambda: optax.chain(clipchain.adagc(), _adam()),
   # SPAM keeps a moment per value: a read and a write of it on top.
   "spam_clip + adam": lambda: optax.chain(clipchain.spam_clip(), _adam()),
+  # The normalize rule: one read of the gradients, as a clip. LARS against optax's trust ratio:
+  # the gradients and the params are read once more each.
+  "normalize + adam": lambda: optax.chain(clipchain.normalize(MAX_NORM), _adam()),
+  "optax trust ratio + adam": lambda: optax.chain(optax.scale_by_trust_ratio(0.01), _adam()),
+  "clipchain trust ratio + adam": lambda: optax.chain(
+    clipchain.clip_norm(
+      clipchain.thresholds.RelativeToParams(0.01, eps=0.0), granularity="layer", rule="normalize"
+    ),
+    _adam(),
+  ),
+  # Stable-SPAM: a max and a norm per tensor (two reads of the gradients).
+  "stable_spam_clip + adam": lambda: optax.chain(clipchain.stable_spam_clip(), _adam()),
+  # StableAdamW: the gradient and Adam's new second moment read once more.
+  "clip_by_second_moment(adam)": lambda: clipchain.clip_by_second_moment(_adam(), b2=0.999),
   # Guards: the cost of the clip they wrap plus scalars is the target.
   "optax apply_if_finite(clip + adam)": lambda: optax.apply_if_finite(
     optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()), max_consecutive_errors=10
