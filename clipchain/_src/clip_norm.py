@@ -130,7 +130,7 @@ def _threshold_like_norms(policy, threshold, norms):
       f"{policy!r} returned a threshold shaped {jax.tree.map(jnp.shape, threshold)}; it must be a "
       f"scalar or shaped like the norms, {jax.tree.map(jnp.shape, norms)}."
     )
-  return broadcast_like(threshold, norms)
+  return jax.tree.map(distributed.vary_like, broadcast_like(threshold, norms), norms)
 
 
 @stats_lib.register_state("name", "layer_names", "axis_names", "signature")

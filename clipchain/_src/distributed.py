@@ -87,6 +87,19 @@ def varying_axes(x: jax.Array, axis_names: tuple[str, ...]) -> tuple[str, ...]:
   return tuple(a for a in axis_names if a in varying)
 
 
+def vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` marked as varying along every mesh axis ``like`` varies along (inside ``shard_map``).
+
+  A value broadcast against a per-device array (a threshold shared by a leaf's shard) must count
+  as per-device too, or a sum over it would skip the collective its shard needs.
+  """
+  if not _tracks_varying_axes():
+    return x
+  have = varying_axes_of(x)
+  missing = tuple(a for a in varying_axes_of(like) if a not in have)
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def sum_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> list:
   """Each ``values[i]`` (a reduction of ``leaves[i]``) summed over the axes its leaf varies along.
 

@@ -41,7 +41,8 @@ class ClipBySecondMomentState(NamedTuple):
     out = {
       "rms": jnp.sum(self.rms) / count,
       "rms_max": jnp.max(self.rms, initial=0.0),
-      "clipped_fraction": jnp.sum(self.scale < 1).astype(jnp.float32) / count,
+      # Scaled by more than rounding: on the first step v̂ = g², so RMS is 1 up to the last bit.
+      "clipped_fraction": jnp.sum(self.scale < 1 - 1e-6).astype(jnp.float32) / count,
       "scale_min": jnp.min(self.scale, initial=1.0),
     }
     for i, layer in enumerate(self.layer_names):
@@ -90,7 +91,8 @@ def clip_by_second_moment(
     granularity: ``"layer"`` (each tensor, as the paper), ``"global"`` (one RMS over the whole
       tree), or a :class:`clipchain.granularity.Layer` with ``norm="rms"`` grouping leaves.
     name: the name under which :func:`clipchain.stats` reports ``rms`` (mean over groups),
-      ``rms_max``, ``clipped_fraction`` (groups scaled down), ``scale_min`` and ``rms/<layer>``.
+      ``rms_max``, ``clipped_fraction`` (groups scaled down by more than one part in a million),
+      ``scale_min`` and ``rms/<layer>``.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) over which tensors are
       split, so that each RMS is over the whole tensor.
 

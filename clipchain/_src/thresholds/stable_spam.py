@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clipchain._src import distributed
 from clipchain._src.granularity import Granularity, Groups
 from clipchain._src.thresholds.base import (
   Context,
@@ -91,10 +92,16 @@ class MaxEMA(ThresholdPolicy):
   def __call__(self, norms, state: MaxEMAState, context: Context):
     per_leaf = _per_leaf(context.granularity)
     theta = jnp.asarray(self.theta, jnp.float32)
+    if per_leaf:
+      # The largest norm of each whole leaf: across the devices a leaf is split over.
+      leaves, treedef = jax.tree.flatten(norms)
+      peaks = distributed.max_across(
+        [jnp.max(n, initial=0.0) for n in leaves], leaves, context.axis_names
+      )
+      norms = jax.tree.unflatten(treedef, peaks)
 
     def step(norm, ema, steps):
-      largest = jnp.max(norm, initial=0.0) if per_leaf else norm
-      largest = jnp.asarray(largest, jnp.float32)
+      largest = jnp.asarray(norm, jnp.float32)
       new_ema = theta * ema + (1 - theta) * largest
       new_steps = steps + 1
       new_ema, new_steps = where_observed(largest, (new_ema, new_steps), (ema, steps))
