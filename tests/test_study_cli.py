@@ -6,6 +6,7 @@ sharded runs use them, and 1); the report it writes is opened in a real headless
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -37,13 +38,19 @@ def run_cli(args, cwd, devices: int) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-  """The quick study on 8 devices and on 1: ``{devices: (completed process, out dir)}``."""
-  done = {}
-  for devices in (8, 1):
-    tmp = tmp_path_factory.mktemp(f"devices{devices}")
-    result = run_cli(["--quick", "--out", "study"], tmp, devices)
-    assert result.returncode == 0, result.stderr[-3000:]
-    done[devices] = (result, tmp / "study")
+  """The quick study on 8 devices and on 1, side by side (compiling is single-threaded):
+  ``{devices: (completed process, out dir)}``."""
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    tmps = {devices: tmp_path_factory.mktemp(f"devices{devices}") for devices in (8, 1)}
+    futures = {
+      devices: pool.submit(run_cli, ["--quick", "--out", "study"], tmp, devices)
+      for devices, tmp in tmps.items()
+    }
+    done = {}
+    for devices, future in futures.items():
+      result = future.result()
+      assert result.returncode == 0, result.stderr[-3000:]
+      done[devices] = (result, tmps[devices] / "study")
   return done
 
 
