@@ -30,6 +30,7 @@ browser:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check clipchain tests benchmarks examples
 	$(VENV)/bin/ruff format --check clipchain tests benchmarks examples
+	$(VENV)/bin/mypy
 
 unit: $(STAMP) browser
 	$(PY) -m pytest -n auto clipchain tests

@@ -161,7 +161,7 @@ class ClipNormState(NamedTuple):
     signature: the paths and shapes of the tree ``init`` saw (static).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
   norm: jax.Array
   clipped_norm: jax.Array
   threshold: jax.Array
@@ -183,7 +183,8 @@ class ClipNormState(NamedTuple):
     }
     per_group = {"threshold": self.threshold, **self.policy_stats}
     if self.layer_names:
-      out.update(self._per_layer("norm", self.layer_norms))
+      # With named groups layer_norms is the per-layer vector (an empty tuple only without them).
+      out.update(self._per_layer("norm", self.layer_norms))  # type: ignore[arg-type]
       for key, value in per_group.items():
         out.update(self._per_layer(key, value))
     else:

@@ -29,6 +29,7 @@ def as_axis_names(axis_name: AxisName) -> tuple[str, ...]:
   """``"dp"`` or ``("dp", "mp")`` as a tuple of names; ``None`` as ``()``. Raises on bad input."""
   if axis_name is None:
     return ()
+  names: tuple[str, ...]
   if isinstance(axis_name, str):
     names = (axis_name,)
   elif isinstance(axis_name, Sequence) and all(isinstance(n, str) for n in axis_name):

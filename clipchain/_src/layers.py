@@ -61,7 +61,7 @@ def flatten_with_path(tree) -> list[tuple[tuple, Any]]:
   must give the same layer names, and ``"module"`` must group a module's kernel and bias, boxed
   or not.
   """
-  flat = []
+  flat: list[tuple[Any, Any]] = []
   for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_boxed)[0]:
     if is_boxed(node):
       flat.extend((path + p[1:], x) for p, x in jax.tree_util.tree_flatten_with_path(node)[0])
@@ -138,6 +138,7 @@ def resolve(layers: LayersSpec, tree) -> Grouping:
   elif isinstance(layers, Mapping):
     keys = [_first_match(layers, path) for path in paths]
   else:
+    assert callable(layers)  # validate_layers allows only None, "leaf", "module", maps, callables
     keys = []
     for path, (_, leaf) in zip(paths, flat):
       key = layers(path, leaf)

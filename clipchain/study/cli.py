@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import sys
+from typing import Any
 
 from clipchain.study.strategies import OPTIMIZERS, PLACEMENTS, STRATEGIES
 
@@ -52,6 +53,11 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+  return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+  """The ``clipchain`` parser and its ``study`` subcommand's (which reports bad values)."""
   from clipchain.study.tasks import TASKS
 
   parser = argparse.ArgumentParser(prog="clipchain", description="clipchain's command line.")
@@ -138,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
   study.add_argument(
     "-v", "--verbose", action="store_true", help="print a one-line summary per finished cell"
   )
-  return parser
+  return parser, study
 
 
 def _options(args) -> dict:
@@ -146,7 +152,7 @@ def _options(args) -> dict:
   from clipchain.study.strategies import SWEEP_MULTIPLIERS
   from clipchain.study.tasks import TASKS
 
-  options = {
+  options: dict[str, Any] = {
     "tasks": DEFAULT_TASKS,
     "strategies": DEFAULT_STRATEGIES,
     "optimizers": DEFAULT_OPTIMIZERS,
@@ -165,7 +171,7 @@ def _options(args) -> dict:
     )
   if args.quick:
     options.update(QUICK)
-  given = {
+  given: dict[str, Any] = {
     "tasks": args.task,
     "strategies": args.strategies,
     "optimizers": args.optimizers,
@@ -253,7 +259,8 @@ def _one_device_per_core() -> None:
   chosen = os.environ.get("JAX_NUM_CPU_DEVICES") or "device_count" in os.environ.get(
     "XLA_FLAGS", ""
   )
-  if not chosen and jax.config.jax_num_cpu_devices in (-1, 1):
+  devices = jax.config.jax_num_cpu_devices  # type: ignore[attr-defined]  # a flag, not in the stubs
+  if not chosen and devices in (-1, 1):
     # Once the backend is initialised the setting is refused: its devices are kept.
     with contextlib.suppress(RuntimeError):
       jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
@@ -261,10 +268,9 @@ def _one_device_per_core() -> None:
 
 def main(argv=None) -> int:
   """Runs ``clipchain COMMAND``; returns the exit code (2 for bad arguments, as argparse)."""
-  parser = _parser()
+  parser, study_parser = _parsers()
   args = parser.parse_args(argv)
   _one_device_per_core()
-  study_parser = parser._subparsers._group_actions[0].choices["study"]
   return study(args, study_parser)
 
 

@@ -215,7 +215,7 @@ def summarize(runs: Sequence[dict]) -> Row:
     lrs=lrs,
     stable_lrs=stable,
     best_lr=best_lr,
-    best_final=finals.get(best_lr),
+    best_final=None if best_lr is None else finals.get(best_lr),
     steps_to_target=steps,
     eval_loss=eval_loss,
     spikes=_mean(r.get("spike_count") for r in runs),
@@ -603,7 +603,7 @@ def _colors(strategies: Iterable[str]) -> dict[str, Any]:
   palette = colormaps["tab20"]
   order = [i for i in range(0, 20, 2)] + [i for i in range(1, 20, 2)]
   names = [s for s in _strategy_order(strategies) if s != "none"]
-  colors = {s: palette(order[i % 20]) for i, s in enumerate(names)}
+  colors: dict[str, Any] = {s: palette(order[i % 20]) for i, s in enumerate(names)}
   colors["none"] = "black"
   return colors
 
@@ -653,7 +653,7 @@ def _lr_figure(
   """Final loss against lr: one panel per ``(title, [(label, runs), ...])`` group."""
   fig = plots.figure(4.2 * len(groups) + 1.6, 3.4)
   axes = fig.subplots(1, len(groups), squeeze=False)[0]
-  handles = {}
+  handles: dict[str, Any] = {}
   for ax, (title, lines) in zip(axes, groups):
     all_x = [float(r["lr"]) for _, runs in lines for r in runs]
     all_y = []
@@ -987,7 +987,7 @@ def _over_time(doc: _Doc, study: _Study, task: str, task_runs: list[dict]) -> No
     placement = _placement_order(r["placement"] for r in runs_o)[0]
     runs_o = [r for r in runs_o if r["placement"] == placement]
     lr, why = _chosen_lr(runs_o)
-    first = {}
+    first: dict[str, dict] = {}
     for r in sorted(runs_o, key=lambda r: r["seed"]):
       if float(r["lr"]) == lr:
         first.setdefault(r["strategy"], r)
@@ -1060,7 +1060,8 @@ def _sweep(doc: _Doc, study: _Study, task: str) -> None:
   opts = sorted({r["optimizer"] for r in runs})
   from matplotlib import colormaps
 
-  multipliers = sorted({_multiplier(r) for r in runs})
+  # Every run here has a multiplier (the filter above): None never reaches the sort.
+  multipliers = sorted({float(_multiplier(r) or 0.0) for r in runs})
   if len(multipliers) == 1:
     doc.para(f"Only multiplier x{multipliers[0]:g} was run: the sweep was off in this study.")
     return
@@ -1071,7 +1072,7 @@ def _sweep(doc: _Doc, study: _Study, task: str) -> None:
   groups, sentences = [], []
   for opt in opts:
     runs_o = [r for r in runs if r["optimizer"] == opt]
-    ms = sorted({_multiplier(r) for r in runs_o})
+    ms = sorted({float(_multiplier(r) or 0.0) for r in runs_o})
     lines = [(f"x{m:g}", [r for r in runs_o if _multiplier(r) == m]) for m in ms]
     groups.append((opt, lines))
     rows = [summarize(rs) for _, rs in lines]

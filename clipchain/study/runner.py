@@ -341,7 +341,7 @@ def cells_for(
   for optimizer in optimizers:
     for placement in placements:
       for name in ordered:
-        multipliers = (1.0,)
+        multipliers: tuple[float, ...] = (1.0,)
         if name == "global" and placement == "before":
           multipliers = tuple(sorted(set(sweep) | {1.0}))
         if not applies(STRATEGIES[name], optimizer, placement):

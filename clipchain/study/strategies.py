@@ -240,7 +240,7 @@ def direction_with_clip(
     return clipchain.clip_by_second_moment(
       optax.chain(direction, *seen), b2=SECOND_MOMENT_DECAY[optimizer]
     )
-  clip = strategy.build(calibration, multiplier)
+  clip = strategy.build(calibration, multiplier)  # type: ignore[arg-type]  # None: not calibrated
   if placement == "before":
     chain = optax.chain(*seen, clip, direction)
   else:

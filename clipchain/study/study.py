@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,7 @@ def _check_lrs(lrs, task: Task, optimizers) -> dict[str, tuple[float, ...]]:
       )
   grids = {}
   for optimizer in optimizers:
+    grid: Any
     if lrs is None:
       grid = task.lrs.get(optimizer, DEFAULT_LRS[optimizer])
     elif isinstance(lrs, Mapping):
@@ -165,7 +167,7 @@ def _load_partial(partial: pathlib.Path, cell, key) -> runner.CellResult | None:
 
 def _save_partial(partial: pathlib.Path, cell, key, result: runner.CellResult) -> None:
   partial.mkdir(parents=True, exist_ok=True)
-  np.savez_compressed(partial / f"{cell.name}.npz.tmp.npz", **result.curves)
+  np.savez_compressed(partial / f"{cell.name}.npz.tmp.npz", **result.curves)  # type: ignore[arg-type]
   os.replace(partial / f"{cell.name}.npz.tmp.npz", partial / f"{cell.name}.npz")
   payload = {"key": key, "records": result.records, "seconds": result.seconds}
   (partial / f"{cell.name}.json.tmp").write_text(json.dumps(payload))
@@ -334,7 +336,7 @@ def run_study(
   }
   if out is not None and writer:
     write(out, records, meta, {cell.name: result.curves for cell, result in results})
-    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
   return records, meta
 
 
@@ -361,7 +363,7 @@ def write(out: pathlib.Path, records, meta, curves: Mapping[str, Mapping[str, np
   shutil.rmtree(staging, ignore_errors=True)
   (staging / "curves").mkdir(parents=True)
   for name, arrays in curves.items():
-    np.savez_compressed(staging / "curves" / f"{name}.npz", **arrays)
+    np.savez_compressed(staging / "curves" / f"{name}.npz", **arrays)  # type: ignore[arg-type]
   payload = {"meta": meta, "runs": records}
   (staging / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
   report.write_report(records, meta, staging)

@@ -32,7 +32,7 @@ class Context(NamedTuple):
     norm: the L2 norm of the whole update (float32, across devices).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
   params: Any
   groups: Groups
   axis_names: tuple[str, ...] = ()
@@ -63,7 +63,7 @@ def map_groups(fn, outputs: int, norms, *states) -> tuple:
   """Applies ``fn(norm, *state_leaves) -> tuple of outputs`` to every leaf of the norms pytree and
   the matching leaves of per-group state pytrees, and returns ``outputs`` pytrees shaped like
   ``norms``. This is how a policy is written once for every granularity (and for empty trees)."""
-  treedef = jax.tree.structure(norms)
+  treedef: Any = jax.tree.structure(norms)  # a PyTreeDef (its stubs lack flatten_up_to)
   per_leaf = [
     fn(*args) for args in zip(jax.tree.leaves(norms), *(treedef.flatten_up_to(s) for s in states))
   ]
