@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint unit bench clean browser
+.PHONY: demo test lint unit bench clean browser dist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,14 @@ unit: $(STAMP) browser
 
 test: lint unit
 
+# A wheel and an sdist in dist/, checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
 bench: $(STAMP)
 	$(PY) benchmarks/clip_step.py
 
 clean:
-	rm -rf $(VENV) reports
+	rm -rf $(VENV) reports dist build
