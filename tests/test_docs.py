@@ -28,3 +28,15 @@ def test_extending_examples_run(index, capsys):
   finally:
     del sys.modules[module.__name__]
   assert capsys.readouterr().out  # each example shows its result
+
+
+@pytest.mark.parametrize("index", range(len(blocks("logging.md"))))
+def test_logging_examples_run(index, capsys):
+  module = types.ModuleType(f"docs_logging_{index}")
+  sys.modules[module.__name__] = module
+  try:
+    exec(compile(blocks("logging.md")[index], f"docs/logging.md[{index}]", "exec"), module.__dict__)
+  finally:
+    del sys.modules[module.__name__]
+  printed = capsys.readouterr().out
+  assert "zclip/clipped_fraction" in printed and printed.strip().endswith("3")
