@@ -447,3 +447,17 @@ def test_stable_adamw_wraps_adam_family_optimizers_after_only():
   assert {("normalize", "sgd", "before"), ("normalize", "adam", "after")} <= ran
   normalized = [r for r in records if r["strategy"] == "normalize"]
   assert all(r["threshold"]["value"] is not None for r in normalized)
+
+
+@pytest.mark.parametrize("name", ["value", "global", "layer", "normalize", "global+skip"])
+def test_a_fixed_strategys_recorded_threshold_is_the_one_its_clip_applies(name):
+  import clipchain as cc
+  from clipchain.study.strategies import STRATEGIES, Calibration
+
+  strategy = STRATEGIES[name]
+  calibration = Calibration(global_norm=3.0, layer_norm=2.0, abs_p99=0.5)
+  tx = strategy.build(calibration, 0.25)
+  g = {"w": jnp.ones(3)}
+  _, state = tx.update(g, tx.init(g))
+  applied = {float(v) for k, v in cc.stats(state).items() if "/threshold" in k}
+  assert applied == {strategy.threshold(calibration, 0.25)}

@@ -149,13 +149,13 @@ def clip_by_second_moment(
         f"{type(inner_state).__name__} has none."
       )
     check_same_tree(name, TreeSignature(params), moment.nu, what="the inner state's nu")
-    n = len(where.groups(params).names)
+    names = where.groups(params).names
     return ClipBySecondMomentState(
       inner_state=inner_state,
-      rms=jnp.zeros((n,), jnp.float32),
-      scale=jnp.ones((n,), jnp.float32),
+      rms=jnp.zeros((len(names),), jnp.float32),
+      scale=jnp.ones((len(names),), jnp.float32),
       name=name,
-      layer_names=where.groups(params).names,
+      layer_names=names,
       signature=TreeSignature(params),
     )
 

@@ -24,7 +24,8 @@ SPIKE_WINDOW = 20
 SPIKE_FACTOR = 2.0
 
 
-def _as_float(value) -> float | None:
+def finite_or_none(value) -> float | None:
+  """``value`` as a Python float, or None when it is NaN or infinite (JSON has no such numbers)."""
   value = float(value)
   return value if math.isfinite(value) else None
 
@@ -33,14 +34,14 @@ def final_loss(loss: np.ndarray) -> float | None:
   """Mean training loss over the last 10 % of steps (at least one); None when not finite."""
   loss = np.asarray(loss, np.float64)
   tail = max(1, math.ceil(FINAL_FRACTION * loss.size))
-  return _as_float(np.mean(loss[-tail:]))
+  return finite_or_none(np.mean(loss[-tail:]))
 
 
 def best_loss(loss: np.ndarray) -> float | None:
   """The lowest finite training loss of the run; None when there is none."""
   loss = np.asarray(loss, np.float64)
   finite = loss[np.isfinite(loss)]
-  return _as_float(finite.min()) if finite.size else None
+  return finite_or_none(finite.min()) if finite.size else None
 
 
 def diverged(loss: np.ndarray) -> bool:

@@ -108,15 +108,8 @@ def _norm_probe() -> optax.GradientTransformation:
 
 def _find(tree, key):
   """The first dict entry named ``key`` in an optimizer state."""
-  found = []
-
-  def visit(node):
-    if isinstance(node, dict) and key in node:
-      found.append(node[key])
-    return node
-
-  jax.tree.map(visit, tree, is_leaf=lambda n: isinstance(n, dict) and key in n)
-  return found[0]
+  holds = lambda node: isinstance(node, dict) and key in node
+  return next(node[key] for node in jax.tree.leaves(tree, is_leaf=holds) if holds(node))
 
 
 def _chain(cell: Cell, calibration: Calibration | None) -> optax.GradientTransformation:
@@ -307,10 +300,10 @@ def records_of(cell, calibration, curves, eval_loss, seconds) -> list[dict]:
         },
         "sweep": cell.sweep,
         "steps": cell.steps,
-        "initial_loss": metrics._as_float(loss[0]),
+        "initial_loss": metrics.finite_or_none(loss[0]),
         "final_loss": metrics.final_loss(loss),
         "best_loss": metrics.best_loss(loss),
-        "eval_loss": metrics._as_float(eval_loss[i]),
+        "eval_loss": metrics.finite_or_none(eval_loss[i]),
         "diverged": metrics.diverged(loss),
         "steps_to_target": metrics.steps_to_target(loss, cell.task.target_loss),
         "spike_count": metrics.spike_count(loss),

@@ -61,6 +61,8 @@ class Strategy:
   wraps_optimizer: bool = False
   #: The optimizers it applies to (None: all).
   optimizers: tuple[str, ...] | None = None
+  #: The :class:`Calibration` field a fixed threshold is a multiple of (what ``build`` scales).
+  scale_of: str = "global_norm"
 
   def __post_init__(self):
     if self.fixed:
@@ -70,11 +72,7 @@ class Strategy:
     """The fixed threshold this strategy uses, or None for an adaptive one."""
     if not self.fixed:
       return None
-    if self.name == "value":
-      return calibration.abs_p99 * multiplier
-    if self.name == "layer":
-      return calibration.layer_norm * multiplier
-    return calibration.global_norm * multiplier
+    return getattr(calibration, self.scale_of) * multiplier
 
 
 def _identity(calibration: Calibration, multiplier: float) -> optax.GradientTransformation:
@@ -91,6 +89,7 @@ STRATEGIES: dict[str, Strategy] = {
       lambda c, m: clipchain.clip(c.abs_p99 * m),
       "clip each value at the warm-up median of the 99th percentile of |g|",
       fixed=True,
+      scale_of="abs_p99",
     ),
     Strategy(
       "global",
@@ -104,6 +103,7 @@ STRATEGIES: dict[str, Strategy] = {
       lambda c, m: clipchain.clip_by_layer_norm(c.layer_norm * m),
       "clip each leaf's norm at the warm-up median of the per-leaf norms",
       fixed=True,
+      scale_of="layer_norm",
     ),
     Strategy(
       "unit",

@@ -41,7 +41,7 @@ def _check_names(kind: str, names: Sequence[str], known) -> tuple[str, ...]:
     raise ValueError(f"{kind} must name at least one, got {names!r}.")
   for name in names:
     if name not in known:
-      raise ValueError(f"Unknown {kind[:-1]} {name!r}; choose from {', '.join(known)}.")
+      raise ValueError(f"{kind} holds an unknown name {name!r}; choose from {', '.join(known)}.")
   return tuple(dict.fromkeys(names))
 
 
