@@ -169,15 +169,27 @@ def clip_by_second_moment(
     correction = 1 - b2_ ** moment.count.astype(jnp.float32)
     floor = jnp.asarray(eps, jnp.float32) ** 2
 
+    # max(v̂, eps²) = max(nu, eps² c) / c with v̂ = nu / c: the ratio is measured against nu itself
+    # and the bias correction applied to the per-group result. Dividing nu by c here would be the
+    # same expression as the optimizer's own v̂, which XLA then shares between the two and writes
+    # out as a full-size array instead of recomputing it in each kernel.
+    nu_floor = floor * correction
+
     def ratio(g, nu):
       # optax keeps a complex parameter's nu in its dtype, with |g|² in the real part.
-      v_hat = jnp.real(nu).astype(jnp.float32) / correction
-      # |g| / sqrt(max(v̂, eps²)): its mean square is the RMS the paper defines (|g| for a
-      # complex gradient, whose second moment optax keeps as |g|²).
+      nu = jnp.real(nu).astype(jnp.float32)
+      # |g| for a complex gradient, whose second moment optax keeps as |g|².
       magnitude = jnp.abs(g) if jnp.iscomplexobj(g) else g
-      return magnitude.astype(jnp.float32) * jax.lax.rsqrt(jnp.maximum(v_hat, floor))
+      return magnitude.astype(jnp.float32) * jax.lax.rsqrt(jnp.maximum(nu, nu_floor))
 
     measured = where.measure(jax.tree.map(ratio, updates, moment.nu), axis_names)
+    # mean(g² / max(v̂, eps²)) = c · mean(g² / max(nu, eps² c)).
+    root_c = jnp.sqrt(correction)
+    measured = measured._replace(
+      norms=measured.norms * root_c,
+      squares=measured.squares * correction,
+      total_squares=measured.total_squares * correction,
+    )
     scaled, _ = where.clip(new_updates, measured, jnp.ones((), jnp.float32), axis_names)
     rms = measured.norms
     new_state = ClipBySecondMomentState(
