@@ -229,8 +229,8 @@ def clip_norm(
       small ``stabilizer``, the LARS trust ratio at the layer granularity with
       :class:`~clipchain.thresholds.RelativeToParams`), or a :class:`clipchain.rules.Rule`. The
       element granularity clips only: normalising each value would replace it by ``±c``.
-    stabilizer: with ``rule="normalize"``, added to the norm before dividing, a finite number
-      >= 0.
+    stabilizer: with ``rule="normalize"``, added to the norm before dividing: a number that is
+      finite and >= 0.
     name: the name under which :func:`clipchain.stats` reports this transform.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to sum norms across, so that
       a tree split over devices is clipped by its true norm and every device computes the same

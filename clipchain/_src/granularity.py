@@ -144,7 +144,8 @@ class Granularity(abc.ABC):
   ):
     """``(clipped tree, Summary)``: each group scaled by ``rule.factor(norm, c)`` (by default
     ``min(1, c / norm)``); ``threshold`` is a scalar or a pytree shaped like ``measured.norms``,
-    >= 0. A granularity whose ``clip`` has no ``rule`` parameter supports the default rule only."""
+    all values >= 0. A granularity whose ``clip`` has no ``rule`` parameter supports the default
+    rule only."""
 
   @abc.abstractmethod
   def summarize(self, values, axis_names: tuple[str, ...] = ()) -> jax.Array:

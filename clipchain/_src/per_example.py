@@ -6,6 +6,8 @@ not transforms: each example is clipped, then the batch is summed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -41,7 +43,9 @@ def _clip_and_sum(grads, example_norms: jax.Array, clip_norm) -> tuple:
   return jax.tree.map(weighted_sum, grads), num_clipped
 
 
-def per_example_global_norm_clip(grads, l2_norm_clip):
+def per_example_global_norm_clip(
+  grads: Any, l2_norm_clip: float | jax.Array
+) -> tuple[Any, jax.Array]:
   """Clips each example's gradient to a global L2 norm, then sums over the batch.
 
   Same signature and results as ``optax.per_example_global_norm_clip``, with norms accumulated
@@ -67,11 +71,13 @@ def per_example_global_norm_clip(grads, l2_norm_clip):
   """
   _check_batched(grads, "per_example_global_norm_clip")
   check_non_negative("l2_norm_clip", l2_norm_clip, allow_inf=True)
-  example_squares = sum(_example_squares(g) for g in jax.tree.leaves(grads))
+  example_squares = jnp.asarray(sum(_example_squares(g) for g in jax.tree.leaves(grads)))
   return _clip_and_sum(grads, norms.safe_sqrt(example_squares), l2_norm_clip)
 
 
-def per_example_layer_norm_clip(grads, global_l2_norm_clip, uniform: bool = True):
+def per_example_layer_norm_clip(
+  grads: Any, global_l2_norm_clip: float | jax.Array, uniform: bool = True
+) -> tuple[Any, Any]:
   """Clips each example's gradient layer by layer, then sums over the batch.
 
   Same signature and results as ``optax.per_example_layer_norm_clip``: with ``K`` leaves and

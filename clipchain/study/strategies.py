@@ -25,8 +25,8 @@ import optax
 
 import clipchain
 
-#: Where a clip sits in the chain: on the gradient, or on the optimizer's update.
 PLACEMENTS = ("before", "after")
+"""Where a clip sits in the chain: ``"before"`` the optimizer or ``"after"`` it."""
 
 #: Multiples of the warm-up median tried by the fixed global clip's threshold sweep.
 SWEEP_MULTIPLIERS = (0.25, 1.0, 4.0)
@@ -179,6 +179,7 @@ STRATEGIES: dict[str, Strategy] = {
     ),
   )
 }
+"""Every clipping strategy the study knows, by name (see ``docs/study.md``)."""
 
 
 def _sgd() -> optax.GradientTransformation:
@@ -198,26 +199,28 @@ def _adamw() -> optax.GradientTransformation:
   return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4))
 
 
-#: The direction (the optimizer without its learning rate) of each optimizer, as optax builds it:
-#: ``optax.sgd(lr, momentum=0.9)``, ``optax.rmsprop(lr)``, ``optax.adam(lr)``,
-#: ``optax.adamw(lr, weight_decay=1e-4)``.
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "sgd": _sgd,
   "rmsprop": _rmsprop,
   "adam": _adam,
   "adamw": _adamw,
 }
+"""Each optimizer's direction (the optimizer without its learning rate), as optax builds it.
+
+``optax.sgd(lr, momentum=0.9)``, ``optax.rmsprop(lr)``, ``optax.adam(lr)``,
+``optax.adamw(lr, weight_decay=1e-4)``.
+"""
 
 #: The decay of each optimizer's second moment (optax's defaults), for StableAdamW's correction.
 SECOND_MOMENT_DECAY = {"rmsprop": 0.9, "adam": 0.999, "adamw": 0.999}
 
-#: Learning-rate grids for a task that gives none of its own: log-spaced, stable to unstable.
 DEFAULT_LRS: dict[str, tuple[float, ...]] = {
   "sgd": (0.01, 0.03, 0.1, 0.3, 1.0),
   "rmsprop": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
   "adam": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
   "adamw": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
 }
+"""Learning-rate grids for a task that gives none of its own: log-spaced, stable to unstable."""
 
 
 def direction_with_clip(

@@ -232,11 +232,11 @@ def run_study(
   strategies: Sequence[str] = ALL_STRATEGIES,
   optimizers: Sequence[str] = ("sgd", "adam"),
   placements: Sequence[str] = ("before",),
-  lrs=None,
+  lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
   seeds: int = 2,
   steps: int | None = None,
   sweep: Sequence[float] = SWEEP_MULTIPLIERS,
-  out=None,
+  out: str | os.PathLike[str] | None = None,
   resume: bool = False,
   progress: bool = False,
   verbose: bool = False,
@@ -384,10 +384,10 @@ def run(
   strategies: Sequence[str] = ALL_STRATEGIES,
   optimizers: Sequence[str] = ("sgd", "adam"),
   placements: Sequence[str] = ("before",),
-  lrs=None,
+  lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
   seeds: int = 2,
   steps: int | None = None,
-  out=None,
+  out: str | os.PathLike[str] | None = None,
 ) -> list[dict]:
   """Trains ``task`` with every strategy, optimizer, placement, learning rate and seed.
 

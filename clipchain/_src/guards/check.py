@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import optax
 from jax.experimental import checkify
 
 from clipchain._src.guards.nonfinite import SkipNonFiniteState
 from clipchain._src.stats import reporting_states
 
 
-def check_guards(opt_state) -> None:
+def check_guards(opt_state: optax.OptState) -> None:
   """Fails, through ``jax.experimental.checkify``, if a guard's ``max_consecutive`` was exceeded.
 
   Call it inside a step function transformed by ``checkify.checkify``; the error then travels out

@@ -14,8 +14,8 @@ from clipchain._src.thresholds.relative import RelativeToParams
 
 
 def adaptive_grad_clip(
-  clipping,
-  eps=1e-3,
+  clipping: float,
+  eps: float = 1e-3,
   axis: int | Sequence[int] | None = None,
   *,
   layout: Literal["flax", "torch"] = "flax",
