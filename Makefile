@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint unit bench clean browser dist
+.PHONY: demo test lint unit bench clean browser dist docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,8 @@ browser:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check clipchain tests benchmarks examples
-	$(VENV)/bin/ruff format --check clipchain tests benchmarks examples
+	$(VENV)/bin/ruff check clipchain tests benchmarks examples mkdocs_hooks.py
+	$(VENV)/bin/ruff format --check clipchain tests benchmarks examples mkdocs_hooks.py
 	$(VENV)/bin/mypy
 
 unit: $(STAMP) browser
@@ -43,8 +43,12 @@ dist: $(STAMP)
 	$(PY) -m build --no-isolation --outdir dist .
 	$(PY) -m twine check --strict dist/*
 
+# The documentation site in site/, with warnings as errors (the tests build it too).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) benchmarks/clip_step.py
 
 clean:
-	rm -rf $(VENV) reports dist build
+	rm -rf $(VENV) reports dist build site

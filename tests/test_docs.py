@@ -40,3 +40,20 @@ def test_logging_examples_run(index, capsys):
     del sys.modules[module.__name__]
   printed = capsys.readouterr().out
   assert "zclip/clipped_fraction" in printed and printed.strip().endswith("3")
+
+
+def test_mixed_precision_example_prints_what_the_page_shows(capsys):
+  code, shown = BLOCK.findall((DOCS / "mixed-precision.md").read_text())[0], _text_block()
+  module = types.ModuleType("docs_mixed_precision")
+  sys.modules[module.__name__] = module
+  try:
+    exec(compile(code, "docs/mixed-precision.md[0]", "exec"), module.__dict__)
+  finally:
+    del sys.modules[module.__name__]
+  assert capsys.readouterr().out == shown
+
+
+def _text_block() -> str:
+  """The output the mixed-precision page shows under its example."""
+  page = (DOCS / "mixed-precision.md").read_text()
+  return re.search(r"^```text\n(.*?)^```", page, re.S | re.M)[1]

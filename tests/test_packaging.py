@@ -57,7 +57,7 @@ def test_wheel_holds_the_package_and_declares_only_runtime_dependencies(dist):
     if "extra ==" not in r
   )
   assert runtime == ["jax", "jaxlib", "numpy", "optax"]
-  assert {"study", "test"} <= set(metadata.get_all("Provides-Extra"))
+  assert {"docs", "study", "test"} <= set(metadata.get_all("Provides-Extra"))
   assert "clipchain = clipchain.study.cli:main" in entry_points
 
 
