@@ -1,7 +1,7 @@
 """Trains a small Flax MLP with clipchain's global-norm clipping and prints its statistics.
 
-Run with ``make demo``. The regression target has a few outlier batches whose gradients spike;
-the statistics show the clip engaging on exactly those steps.
+Run with ``python examples/quickstart.py``. The regression target has a few outlier batches
+whose gradients spike; the statistics show the clip engaging on exactly those steps.
 """
 
 from __future__ import annotations

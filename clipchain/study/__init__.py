@@ -2,10 +2,10 @@
 
 Trains models side by side with every clipping strategy, optimizer, placement (before or after the
 optimizer), learning rate and seed, and reports which combinations keep training stable. From the
-command line::
+command line:
 
-  clipchain study --quick
-  python -m clipchain study --task rnn-adding --optimizers sgd adam --placement both
+    clipchain study --quick
+    python -m clipchain study --task rnn-adding --optimizers sgd adam --placement both
 
 From Python, on a model of your own: :func:`run` with a :class:`Task`. Needs the ``study`` extra
 (``pip install 'clipchain[study]'``: flax, matplotlib, rich).

@@ -404,7 +404,7 @@ def run(
   Returns:
     One record per run, the dicts of ``results.json``'s ``runs``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from clipchain import study
     >>> task = study.Task(
