@@ -217,3 +217,28 @@ def test_vmap_and_scan():
   ours, _, _ = _run(tx, params, gradient_sequence(5))
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(ours[-1])):
     np.testing.assert_allclose(a[0], b, rtol=1e-6)
+
+
+def test_a_step_with_large_equally_shaped_leaves_writes_no_leaf_sized_array():
+  # The floor max(nu, eps² c) is one scalar for every leaf; shared by the per-leaf reductions of
+  # equally shaped leaves, XLA's CPU backend would write its broadcast out as a leaf-sized array.
+  params = {f"w{i}": jnp.zeros((256, 256)) for i in range(3)}
+  tx = clipchain.clip_by_second_moment(optax.adam(1e-3), b2=0.999)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+  leaf_bytes = 256 * 256 * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < leaf_bytes / 16
+
+
+@pytest.mark.parametrize("x", [0.0, 1e-30, 1e-12, 1.0, 3e38])
+def test_a_per_leaf_copy_of_a_scalar_is_the_same_value(x):
+  from clipchain._src.norms import unshared
+
+  for index in (0, 1, 999, 2**16 + 3):
+    assert float(unshared(jnp.float32(x), index, size=2**20)) == float(np.float32(x))
+  small_leaf_scalar = jnp.float32(x)
+  assert unshared(small_leaf_scalar, 0, size=10) is small_leaf_scalar  # small leaves share it

@@ -85,3 +85,26 @@ def scale(x: jax.Array, factor: jax.Array) -> jax.Array:
   if jnp.iscomplexobj(x):
     return (x * factor.astype(acc)).astype(x.dtype)
   return (x.astype(acc) * factor.astype(acc)).astype(output_dtype(x.dtype))
+
+
+# Below float32's largest value by 1/16, so that every per-leaf bound of ``unshared`` is finite and
+# above any scalar it is used for.
+_UNSHARED_BOUND = float(jnp.finfo(jnp.float32).max) * (1 - 2.0**-4)
+# Leaves smaller than this share the broadcast: the array written out is small, and a scalar kernel
+# of its own per leaf would cost more compile time (about 10 ms each) than the copy costs.
+_UNSHARED_MIN_SIZE = 2**16
+
+
+def unshared(x: jax.Array, index: int, size: int) -> jax.Array:
+  """The scalar ``x`` (finite, below 0.9 x float32's largest value), as a value of leaf ``index``.
+
+  XLA's CPU reduction kernels take a broadcast scalar inside their own kernel only when the
+  broadcast is theirs alone: one scalar used in the per-leaf reductions of several equally shaped
+  leaves is broadcast once and written out as a leaf-sized array. ``min(x, b)`` with a bound ``b``
+  above ``x`` and different for each leaf is ``x`` itself, but an instruction of that leaf alone.
+  Leaves of fewer than ``2**16`` values (``size``) get ``x`` as it is.
+  """
+  if size < _UNSHARED_MIN_SIZE:
+    return x
+  bound = _UNSHARED_BOUND * (1 + (index % 2**16) * 2.0**-20)
+  return jnp.minimum(x, jnp.asarray(bound, x.dtype))

@@ -175,14 +175,20 @@ def clip_by_second_moment(
     # out as a full-size array instead of recomputing it in each kernel.
     nu_floor = floor * correction
 
-    def ratio(g, nu):
+    def ratio(leaf_floor, g, nu):
       # optax keeps a complex parameter's nu in its dtype, with |g|² in the real part.
       nu = jnp.real(nu).astype(jnp.float32)
       # |g| for a complex gradient, whose second moment optax keeps as |g|².
       magnitude = jnp.abs(g) if jnp.iscomplexobj(g) else g
-      return magnitude.astype(jnp.float32) * jax.lax.rsqrt(jnp.maximum(nu, nu_floor))
+      return magnitude.astype(jnp.float32) * jax.lax.rsqrt(jnp.maximum(nu, leaf_floor))
 
-    measured = where.measure(jax.tree.map(ratio, updates, moment.nu), axis_names)
+    leaves, treedef = jax.tree.flatten(updates)
+    nu_leaves = treedef.flatten_up_to(moment.nu)
+    ratios = [
+      ratio(norms.unshared(nu_floor, i, g.size), g, nu)
+      for i, (g, nu) in enumerate(zip(leaves, nu_leaves))
+    ]
+    measured = where.measure(jax.tree.unflatten(treedef, ratios), axis_names)
     # mean(g² / max(v̂, eps²)) = c · mean(g² / max(nu, eps² c)).
     root_c = jnp.sqrt(correction)
     measured = measured._replace(
