@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP) browser
-	$(PY) -m pytest -n auto --dist worksteal clipchain tests
+	$(PY) -m pytest -n auto clipchain tests
 
 test: lint unit
 
