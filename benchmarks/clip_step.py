@@ -253,7 +253,7 @@ WORKLOADS = {
 }
 QUICK_WORKLOADS = {
   "large": Workload("large", 8, (128, 64)),
-  "many": Workload("many", 20, (8, 8)),
+  "many": Workload("many", 10, (8, 8)),
   "bf16": Workload("bf16", 8, (128, 64), "bfloat16"),
   "train": TrainStep("train", vocab=32, width=16, depth=1, heads=2, length=8, batch=2),
 }
