@@ -16,6 +16,7 @@ import pytest
 from harness import orbax_round_trip
 
 import clipchain
+from clipchain._src.norms import unshared
 
 SHAPES = {"kernel": (4, 3), "bias": (3,), "scale": ()}
 LR, B1, B2, ADAM_EPS, WD, CLIP_EPS = 0.01, 0.9, 0.95, 1e-8, 0.1, 1e-6
@@ -236,8 +237,6 @@ def test_a_step_with_large_equally_shaped_leaves_writes_no_leaf_sized_array():
 
 @pytest.mark.parametrize("x", [0.0, 1e-30, 1e-12, 1.0, 3e38])
 def test_a_per_leaf_copy_of_a_scalar_is_the_same_value(x):
-  from clipchain._src.norms import unshared
-
   for index in (0, 1, 999, 2**16 + 3):
     assert float(unshared(jnp.float32(x), index, size=2**20)) == float(np.float32(x))
   small_leaf_scalar = jnp.float32(x)
