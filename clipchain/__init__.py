@@ -12,6 +12,7 @@ from clipchain._src.clip_norm import ClipNormState, clip_norm
 from clipchain._src.guards.check import check_guards
 from clipchain._src.guards.nonfinite import SkipNonFiniteState, skip_nonfinite
 from clipchain._src.guards.spikes import SkipSpikesState, skip_spikes
+from clipchain._src.monitor import MonitorState, monitor
 from clipchain._src.per_example import per_example_global_norm_clip, per_example_layer_norm_clip
 from clipchain._src.presets.adagc import adagc
 from clipchain._src.presets.agc import adaptive_grad_clip
@@ -39,6 +40,7 @@ __all__ = [
   "skip_spikes",
   "ClipBySecondMomentState",
   "ClipNormState",
+  "MonitorState",
   "__version__",
   "adagc",
   "adaptive_grad_clip",
@@ -50,6 +52,7 @@ __all__ = [
   "clip_by_second_moment",
   "clip_norm",
   "granularity",
+  "monitor",
   "normalize",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",

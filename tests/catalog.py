@@ -51,7 +51,7 @@ TRANSFORMS = {
   "spam_clip": lambda: clipchain.spam_clip(warmup_steps=1),
   "spam_clip_layer": lambda: clipchain.spam_clip(warmup_steps=1, granularity="layer"),
   "normalize": lambda: clipchain.normalize(1.0),
-  "normalize_layer": lambda: clipchain.normalize(0.5, granularity="layer", stabilizer=0.01),
+  "normalize_layer": lambda: clipchain.normalize(0.5, 0.01, granularity="layer"),
   "stable_spam_clip": lambda: clipchain.stable_spam_clip(theta=0.9),
   "clip_by_second_moment": lambda: clipchain.clip_by_second_moment(optax.adam(0.1), b2=0.999),
   "skip_nonfinite": lambda: _guarded(spikes=False),

@@ -422,16 +422,27 @@ def test_lax_scan_and_vmap():
 
 def test_inject_hyperparams():
   params, grads = make_params_and_grads(FLAX_SHAPES, seed=12)
-  # With the defaults (axis and stacked_axes None) it works as optax's own transforms do.
+  # With the defaults it works as optax's own transforms do.
   tx = optax.inject_hyperparams(clipchain.adaptive_grad_clip)(0.02)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   chex.assert_trees_all_close(
     updates, agc(grads, params, 0.02, reference=True)[0], rtol=RTOL, atol=ATOL
   )
-  # axis and stacked_axes shape the units: set to ints they cannot be traced hyperparameters.
+  # An int stacked_axes is injected as an array (traced in update): the axes it gives are fixed
+  # at init, so it needs no static_args; a mapping is passed through as it is.
+  small = {"heads": params["heads"], "bias": params["bias"]}
+  small_grads = {"heads": grads["heads"], "bias": grads["bias"]}
+  for stacked in (1, {"heads": 1}):
+    tx = optax.inject_hyperparams(clipchain.adaptive_grad_clip)(0.02, stacked_axes=stacked)
+    got, _ = jax.jit(tx.update)(small_grads, tx.init(small), small)
+    # Each slice of "heads" (4, 8) is a layer of its own: AGC of each on its own.
+    for i in range(12):
+      want, _ = agc({"h": small_grads["heads"][i]}, {"h": small["heads"][i]}, 0.02, reference=True)
+      np.testing.assert_allclose(got["heads"][i], want["h"], rtol=RTOL, atol=ATOL)
+  # axis shapes the units: set to an int it cannot be a traced hyperparameter.
   with pytest.raises(TypeError, match="static_args"):
-    tx = optax.inject_hyperparams(clipchain.adaptive_grad_clip)(0.02, stacked_axes=0)
-    jax.jit(tx.update)(grads, tx.init(params), params)
+    tx = optax.inject_hyperparams(clipchain.adaptive_grad_clip)(0.02, axis=0)
+    jax.jit(tx.update)(small_grads, tx.init(small), small)
   inject = optax.inject_hyperparams(
     clipchain.adaptive_grad_clip, static_args=("axis", "stacked_axes")
   )

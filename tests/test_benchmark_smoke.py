@@ -72,10 +72,13 @@ def test_clipchain_has_no_gradient_sized_temporary(results, workload):
 
 def test_bfloat16_temporaries_are_no_larger_than_optax(results):
   """XLA on CPU reduces bfloat16 through a float32 copy of each leaf, for any norm (optax's too):
-  clipchain adds nothing beyond it, and Adam alone has none."""
+  clipchain adds nothing beyond it but the one copy that the branch measuring an overflowed norm
+  again (a ``lax.cond`` taken only then) is given, and Adam alone has none."""
   rows, w = _rows(results, "bf16")
   assert rows["adam"]["temp_bytes"] < 0.01 * w["grad_bytes"]
-  assert rows["clipchain clip + adam"]["temp_bytes"] <= rows["optax clip + adam"]["temp_bytes"]
+  leaf_copy = 2 * w["grad_bytes"] // 8  # one of the 8 bfloat16 leaves, in float32
+  optax_temp = rows["optax clip + adam"]["temp_bytes"]
+  assert rows["clipchain clip + adam"]["temp_bytes"] <= optax_temp + leaf_copy + 2**12
   assert rows["clipchain clip + adam"]["alias_bytes"] >= 3 * w["grad_bytes"]
 
 

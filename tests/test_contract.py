@@ -250,8 +250,15 @@ def test_capabilities_not_names_decide_what_a_policy_refuses():
 
 def test_granularities_and_policies_are_immutable_values():
   layer = gran.Layer("module", norm="rms")
-  assert repr(layer) == "Layer(layers='module', norm='rms')"
+  assert repr(layer) == (
+    "Layer(layers='module', norm='rms', stacked_axes=0, stacked_axis_name='layers')"
+  )
   assert layer == gran.Layer("module", norm="rms")
+  # A mapping given to a granularity is kept hashable: the state that holds it is jit's key.
+  regex = gran.Layer({"attn": "attn/", "rest": ".*"}, stacked_axes={"layers/": 1})
+  assert hash(regex) == hash(
+    gran.Layer({"attn": "attn/", "rest": ".*"}, stacked_axes={"layers/": 1})
+  )
   with pytest.raises(dataclasses.FrozenInstanceError):
     layer.norm = "l2"
   policy = POLICIES["ZScore"]()

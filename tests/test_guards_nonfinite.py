@@ -396,10 +396,17 @@ def test_vmap_over_independent_runs():
     )
 
 
-def test_overflowing_sum_of_squares_is_skipped():
-  """Finite values whose float32 sum of squares overflows give no usable norm: skipped."""
-  tx = clipchain.skip_nonfinite(optax.sgd(0.1))
+@pytest.mark.parametrize("clip_head", [False, True], ids=["alone", "clip_head"])
+def test_finite_values_whose_squares_overflow_are_not_skipped(clip_head):
+  """Finite values whose float32 sum of squares overflows are measured again, scaled: the norm is
+  the float64 one and the step is applied, with or without a clip at the head reusing its norm."""
+  inner = optax.sgd(0.1)
+  if clip_head:
+    inner = optax.chain(clipchain.clip_by_global_norm(1e30), inner)
+  tx = clipchain.skip_nonfinite(inner)
   params = {"w": jnp.zeros(2)}
-  updates, state = tx.update({"w": jnp.array([3e19, 1.0])}, tx.init(params), params)
-  assert bool(state.skipped)
-  assert_bits_equal(optax.apply_updates(params, updates), params)
+  grads = {"w": jnp.array([3e19, 1.0])}
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert not bool(state.skipped)
+  np.testing.assert_allclose(float(state.grad_norm), 3e19, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(updates["w"]), [-3e18, -0.1], rtol=1e-6)

@@ -276,10 +276,29 @@ def step_fn(tx):
   return step
 
 
+def outside_conditionals(text: str) -> str:
+  """The traced program without the branches of its conditionals: a norm is measured again,
+  scaled, only where its float32 sum of squares overflowed (a ``lax.cond`` not taken otherwise)."""
+  out, start = [], 0
+  while (at := text.find('"stablehlo.case"', start)) >= 0:
+    opened = text.index("({", at)
+    out.append(text[start:opened])
+    depth, i = 0, opened
+    while True:
+      depth += {"{": 1, "}": -1}.get(text[i], 0)
+      i += 1
+      if depth == 0 and text[i - 1] == "}" and text[i] == ")":
+        break
+    start = i + 1
+  return "".join(out) + text[start:]
+
+
 def gradient_reductions(tx) -> int:
-  """Reductions over the (37, 53) leaf in the program as traced, before XLA could merge two."""
+  """Reductions over the (37, 53) leaf that every step runs, in the program as traced (before
+  XLA could merge two)."""
   lowered = jax.jit(step_fn(tx)).lower(SHAPE_PARAMS, tx.init(SHAPE_PARAMS), SHAPE_PARAMS)
-  return len(re.findall(r"stablehlo\.reduce\(.*: \(tensor<37x53xf32>", lowered.as_text()))
+  text = outside_conditionals(lowered.as_text())
+  return len(re.findall(r"stablehlo\.reduce\(.*: \(tensor<37x53xf32>", text))
 
 
 def compiled_reductions(tx) -> int:
@@ -597,6 +616,9 @@ def test_orbax_round_trip(tmp_path):
     (dict(sigma=-1.0), "sigma"),
     (dict(sigma=float("nan")), "sigma"),
     (dict(window=0), "window"),
+    (dict(window=1), "window must be an integer >= 2"),
+    (dict(sigma=0.0), r"sigma must be in \(0.0, inf\]"),
+    (dict(min_history=1), "min_history must be an integer >= 2"),
     (dict(window=-4), "window"),
     (dict(window=2.5), "window"),
     (dict(min_history=0), "min_history"),
@@ -612,9 +634,9 @@ def test_validation(kwargs, match):
     clipchain.skip_spikes(optax.sgd(0.1), **kwargs)
 
 
-@pytest.mark.parametrize("window", [1, 2, 3, 128])
+@pytest.mark.parametrize("window", [2, 3, 128])
 def test_default_min_history_fits_any_window(window):
-  tx = clipchain.skip_spikes(optax.sgd(0.1), window=window, sigma=0.0)
+  tx = clipchain.skip_spikes(optax.sgd(0.1), window=window, sigma=1e-6)
   params = {"w": jnp.zeros(1)}
   state = tx.init(params)
   skipped = []

@@ -150,17 +150,20 @@ def test_bad_arguments_are_refused_at_construction():
     clipchain.normalize(1.0, stabilizer=float("nan"))
   with pytest.raises(TypeError, match=r"stabilizer must be a number; got '0.1'"):
     clipchain.normalize(1.0, stabilizer="0.1")
-  with pytest.raises(ValueError, match=r"stabilizer applies to rule='normalize' only"):
-    clipchain.clip_norm(1.0, stabilizer=0.1)
+  with pytest.raises(TypeError, match=r"unexpected keyword argument 'stabilizer'"):
+    clipchain.clip_norm(1.0, stabilizer=0.1)  # the stabilizer belongs to the normalize rule
+  with pytest.raises(ValueError, match=r"stabilizer must be in \[0.0, inf\]; got -0.1"):
+    clipchain.rules.Normalize(-0.1)
   with pytest.raises(ValueError, match=r"norm must be in \[0.0, inf\]; got -1.0"):
     clipchain.normalize(-1.0)
 
 
-def test_a_granularity_without_a_rule_parameter_refuses_normalize():
-  class OldStyle(clipchain.granularity.Global):
-    def clip(self, tree, measured, threshold, axis_names=()):
-      return super().clip(tree, measured, threshold, axis_names)
+def test_a_granularity_declares_the_rules_it_refuses():
+  class ClipOnly(clipchain.granularity.Global):
+    def check_rule(self, rule):
+      if not isinstance(rule, clipchain.rules.Clip):
+        raise ValueError(f"ClipOnly supports the clip rule only; got {rule!r}.")
 
-  clipchain.clip_norm(1.0, granularity=OldStyle())  # the default rule still works
-  with pytest.raises(ValueError, match=r"OldStyle.clip takes no rule argument"):
-    clipchain.clip_norm(1.0, granularity=OldStyle(), rule="normalize")
+  clipchain.clip_norm(1.0, granularity=ClipOnly())  # the default rule still works
+  with pytest.raises(ValueError, match=r"ClipOnly supports the clip rule only; got Normalize"):
+    clipchain.clip_norm(1.0, granularity=ClipOnly(), rule="normalize")

@@ -84,7 +84,7 @@ CASES = [
   Case("adagc", lambda: clipchain.adagc(warmup_steps=3), "adagc", per_layer=True),
   Case(
     "adagc_module",
-    lambda: clipchain.adagc(warmup_steps=3, layers="module"),
+    lambda: clipchain.adagc(warmup_steps=3, granularity=clipchain.granularity.Layer("module")),
     "adagc",
     per_layer=True,
   ),

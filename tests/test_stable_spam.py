@@ -108,7 +108,7 @@ def test_the_spike_lands_on_the_threshold_and_keeps_its_order():
   spike = {"kernel": jnp.ones((5, 4)).at[0, 0].set(100.0).at[1, 1].set(50.0), "bias": jnp.ones(4)}
   # AdaClip alone: threshold (0.5 * 0.5 + 0.5 * 100) / 0.75 = 67; 100 -> 67, 50 stays.
   adaclip = clipchain.clip_norm(
-    clipchain.thresholds.MaxEMA(0.5), granularity=clipchain.granularity.Element(over="rescale")
+    clipchain.thresholds.MaxEMA(0.5), granularity="element", rule="rescale"
   )
   _, s = adaclip.update(g0, adaclip.init(g0))
   out, _ = adaclip.update(spike, s)
@@ -191,6 +191,8 @@ def test_norm_moments_refuses_the_element_granularity():
     clipchain.clip_norm(clipchain.thresholds.NormMoments(), granularity="element")
 
 
-def test_element_over_must_be_a_known_choice():
-  with pytest.raises(ValueError, match=r"over must be one of \['clamp', 'rescale'\]; got 'scale'"):
-    clipchain.granularity.Element(over="scale")
+def test_rescale_is_a_rule_and_normalize_is_refused_per_value():
+  with pytest.raises(ValueError, match=r"rule must be one of \['clip', 'rescale', 'normalize'\]"):
+    clipchain.clip_norm(1.0, granularity="element", rule="scale")
+  with pytest.raises(ValueError, match=r"Element granularity.*sign descent"):
+    clipchain.clip_norm(1.0, granularity="element", rule="normalize")

@@ -5,7 +5,6 @@ Every named transform in clipchain is a preset of :func:`clip_norm`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -13,13 +12,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipchain._src import distributed, norms
-from clipchain._src import layers as layers_lib
-from clipchain._src import stats as stats_lib
-from clipchain._src.granularity import GranularityLike, as_granularity, broadcast_like, is_scalar
-from clipchain._src.rules import CLIP, RuleLike, as_rule
+from clipchain._src import distributed
+from clipchain._src import state as state_lib
+from clipchain._src.granularity import (
+  Granularity,
+  GranularityLike,
+  as_granularity,
+  broadcast_like,
+  is_scalar,
+  measure_robustly,
+)
+from clipchain._src.rules import RuleLike, as_rule
+from clipchain._src.state import Static, keep_dtypes
 from clipchain._src.thresholds.base import Context, ThresholdPolicy
 from clipchain._src.thresholds.fixed import Fixed, Scheduled
+from clipchain._src.tree import TreeSignature, check_same_tree
 from clipchain._src.validation import check_name
 
 ThresholdLike = (
@@ -34,75 +41,6 @@ def as_policy(threshold: ThresholdLike, argname: str = "threshold") -> Threshold
   if callable(threshold) and not isinstance(threshold, jax.Array):
     return Scheduled(threshold, argname=argname)
   return Fixed(threshold, argname=argname)
-
-
-class TreeSignature:
-  """The paths and shapes of a tree's leaves, kept in a state's static fields so that ``update``
-  can say what differs from the tree ``init`` saw (compared by a digest, cheap to hash)."""
-
-  __slots__ = ("_key", "leaves", "structure")
-
-  def __init__(self, tree):
-    self.leaves = tuple(
-      (layers_lib.path_str(p), tuple(jnp.shape(x))) for p, x in layers_lib.flatten_with_path(tree)
-    )
-    # The containers too (a tuple for a list, a key 0 for "0"), with a Flax NNX Variable standing
-    # for its array: nnx.Optimizer calls init on Variables and update on arrays.
-    self.structure = jax.tree.structure(tree, is_leaf=layers_lib.is_boxed)
-    self._key = hash((self.leaves, self.structure))
-
-  def __hash__(self) -> int:
-    return self._key
-
-  def __eq__(self, other) -> bool:
-    return isinstance(other, TreeSignature) and (
-      self is other
-      or (
-        self._key == other._key
-        and self.leaves == other.leaves
-        and self.structure == other.structure
-      )
-    )
-
-  def __repr__(self) -> str:
-    shapes = ", ".join(f"{p}: {s}" for p, s in self.leaves[:3])
-    more = ", ..." if len(self.leaves) > 3 else ""
-    return f"TreeSignature({len(self.leaves)} leaves: {shapes}{more})"
-
-  def difference(self, other: TreeSignature, what: str = "updates") -> str:
-    """How ``other`` (the updates, or ``what``) differs from ``self`` (the tree given to init)."""
-    mine, theirs = dict(self.leaves), dict(other.leaves)
-    parts = []
-    if missing := [p for p in mine if p not in theirs]:
-      parts.append(f"leaves missing from the {what}: {missing[:5]}")
-    if extra := [p for p in theirs if p not in mine]:
-      parts.append(f"leaves not in the tree given to init: {extra[:5]}")
-    if changed := [
-      f"{p}: {mine[p]} -> {theirs[p]}" for p in mine if p in theirs and mine[p] != theirs[p]
-    ]:
-      parts.append(f"shapes changed: {changed[:5]}")
-    if not parts:
-      parts.append(
-        f"the same leaves in other containers: {self.structure} at init, {other.structure} now"
-      )
-    return "; ".join(parts)
-
-
-def check_same_tree(owner: str, expected: TreeSignature, tree, what: str = "updates") -> None:
-  """Raises ``ValueError``, saying what differs, if ``tree`` is not shaped like ``expected``."""
-  got = TreeSignature(tree)
-  if got != expected:
-    raise ValueError(
-      f"{owner}: the {what} are not shaped like the tree its state was initialised with "
-      f"({expected.difference(got, what)}); call init on a tree shaped like the {what}."
-    )
-
-
-def keep_dtypes(new, old):
-  """``new`` cast to the dtypes of ``old``: a state's dtypes are fixed at ``init`` (under
-  ``jax_enable_x64`` a statistic computed from float64 leaves would otherwise turn float64 after
-  the first update, and ``lax.scan`` and ``jit``'s cache would see a different state)."""
-  return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, old)
 
 
 # The statistics ClipNormState reports itself: a policy's may not take their names.
@@ -133,7 +71,7 @@ def _threshold_like_norms(policy, threshold, norms):
   return jax.tree.map(distributed.vary_like, broadcast_like(threshold, norms), norms)
 
 
-@stats_lib.register_state("name", "layer_names", "axis_names", "signature")
+@state_lib.state(state_lib.Role.MEASURES_INPUT)
 class ClipNormState(NamedTuple):
   """State of :func:`clip_norm` and every clipping preset.
 
@@ -159,6 +97,8 @@ class ClipNormState(NamedTuple):
     layer_names: the name of each layer (static).
     axis_names: the mesh axes norms are summed across (static).
     signature: the paths and shapes of the tree ``init`` saw (static).
+    granularity: the granularity as it applies to the tree ``init`` saw (static; see
+      :meth:`clipchain.granularity.Granularity.bind`), or ``None`` when that is the transform's.
   """
 
   count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
@@ -170,10 +110,14 @@ class ClipNormState(NamedTuple):
   policy_state: Any
   policy_stats: dict[str, jax.Array]
   settings: dict[str, jax.Array]
-  name: str = "clip_norm"
-  layer_names: tuple[str, ...] = ()
-  axis_names: tuple[str, ...] = ()
-  signature: TreeSignature | None = None
+  name: Static[str] = "clip_norm"
+  layer_names: Static[tuple[str, ...]] = ()
+  axis_names: Static[tuple[str, ...]] = ()
+  signature: Static[TreeSignature | None] = None
+  granularity: Static[Granularity | None] = None
+
+  def input_norm(self) -> jax.Array:
+    return self.norm
 
   def report(self) -> dict[str, jax.Array]:
     out = {
@@ -200,7 +144,6 @@ def clip_norm(
   *,
   granularity: GranularityLike = "global",
   rule: RuleLike = "clip",
-  stabilizer: float = 0.0,
   name: str = "clip_norm",
   axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformation:
@@ -211,10 +154,11 @@ def clip_norm(
   policy from :mod:`clipchain.thresholds`) and *what is done* with it (``rule``) are independent
   choices. With ``rule="clip"`` each group ``g`` with norm ``‖g‖`` above the threshold ``c`` is
   scaled by ``c / ‖g‖``; the element granularity clips values to ``[-c, c]`` (a complex value
-  keeps its phase). With ``rule="normalize"`` every group is scaled to norm ``c``, by
-  ``c / (‖g‖ + stabilizer)`` (a zero group stays zero). Norms are accumulated in float32 whatever
-  the update's dtype, updates keep their dtype, and the scale is applied as one fused multiply (no
-  second gradient-sized buffer). A threshold that is negative at run time (a schedule, or
+  keeps its phase). With ``rule="normalize"`` every group is scaled to norm ``c`` (a zero group
+  stays zero). Norms are accumulated in float32 whatever the update's dtype (and measured again,
+  scaled, where the float32 sum of squares of finite values overflows or underflows), updates
+  keep their dtype, and the scale is applied as one fused multiply (no second gradient-sized
+  buffer). A threshold that is negative at run time (a schedule, or
   ``optax.inject_hyperparams`` under ``jit``) is taken as 0: the update is clipped to zero, never
   flipped; a NaN threshold gives NaN updates rather than a silently wrong number.
 
@@ -223,21 +167,24 @@ def clip_norm(
       name to threshold; a schedule ``step -> threshold`` (e.g. an ``optax`` schedule); or a
       :class:`clipchain.thresholds.ThresholdPolicy`.
     granularity: ``"global"``, ``"layer"``, ``"unit"``, ``"element"``, or a
-      :mod:`clipchain.granularity` object such as ``Layer(layers="module")``.
-    rule: ``"clip"`` (cap each group's norm at the threshold), ``"normalize"`` (set it to the
-      threshold: normalised gradient descent at the global granularity, automatic clipping with a
-      small ``stabilizer``, the LARS trust ratio at the layer granularity with
-      :class:`~clipchain.thresholds.RelativeToParams`), or a :class:`clipchain.rules.Rule`. The
-      element granularity clips only: normalising each value would replace it by ``±c``.
-    stabilizer: with ``rule="normalize"``, added to the norm before dividing: a number that is
-      finite and >= 0.
-    name: the name under which :func:`clipchain.stats` reports this transform.
+      :mod:`clipchain.granularity` object such as ``Layer(layers="module")`` or
+      ``Layer(stacked_axes=1)`` (one group per layer of a scanned stack).
+    rule: ``"clip"`` (cap each group's norm at the threshold), ``"rescale"`` (scale the groups
+      above it by ``c / the largest norm``, keeping their order), ``"normalize"`` (set every
+      group's norm to the threshold: normalised gradient descent at the global granularity, the
+      LARS trust ratio at the layer granularity with
+      :class:`~clipchain.thresholds.RelativeToParams`; ``clipchain.rules.Normalize(stabilizer)``
+      for automatic clipping), or a :class:`clipchain.rules.Rule`. A granularity may refuse a
+      rule (:meth:`~clipchain.granularity.Granularity.check_rule`): the element granularity
+      refuses normalising, which would replace each value by ``±c``.
+    name: the name under which :func:`clipchain.stats` reports this transform. Every preset
+      takes it too.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to sum norms across, so that
       a tree split over devices is clipped by its true norm and every device computes the same
       thresholds and statistics. Each leaf is counted only over the axes along which it varies; a
       name that is not an axis there is an error. Not needed under ``jit`` with sharded arrays,
       nor after a ``pmean`` of the gradients (it would then over-count). See
-      ``docs/distributed.md``.
+      ``docs/distributed.md``. Every preset takes it too.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipNormState`.
@@ -245,9 +192,9 @@ def clip_norm(
   Raises:
     TypeError: at construction, for an argument of the wrong type.
     ValueError: at construction, for a negative, NaN, infinite or non-scalar threshold, an
-      unknown granularity, or a policy that is meaningless at the granularity; at ``init`` for a
-      tree the granularity cannot group; at ``update`` for updates shaped unlike the tree given
-      to ``init``.
+      unknown granularity, a policy that is meaningless at the granularity or a rule the
+      granularity refuses; at ``init`` for a tree the granularity cannot group; at ``update`` for
+      updates shaped unlike the tree given to ``init``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipchain
@@ -264,30 +211,19 @@ def clip_norm(
   policy = as_policy(threshold)
   where = as_granularity(granularity)
   policy.check_granularity(where)
-  rule = as_rule(rule, stabilizer)
-  if rule != CLIP:
-    if where.one_group_per_value:
-      raise ValueError(
-        f"rule={rule!r} is not meaningful at the {type(where).__name__} granularity: each group is "
-        "one value, and setting a value's magnitude to the threshold replaces every update by "
-        "±threshold (sign descent). Use rule='clip' there, or a coarser granularity."
-      )
-    if "rule" not in inspect.signature(where.clip).parameters:
-      raise ValueError(
-        f"{type(where).__name__}.clip takes no rule argument, so it supports rule='clip' only; got "
-        f"rule={rule!r}. Add a rule parameter to its clip to support other rules."
-      )
-  clip_kwargs = {} if rule == CLIP else {"rule": rule}
+  rule = as_rule(rule)
+  where.check_rule(rule)
   check_name(name)
   axis_names = distributed.as_axis_names(axis_name)
 
-  def summaries(policy_state, axes: tuple[str, ...]) -> dict[str, jax.Array]:
+  def summaries(at: Granularity, policy_state, axes: tuple[str, ...]) -> dict[str, jax.Array]:
     return {
-      key: where.summarize(value, axes) for key, value in policy.statistics(policy_state).items()
+      key: at.summarize(value, axes) for key, value in policy.statistics(policy_state).items()
     }
 
   def init_fn(params):
-    groups = where.groups(params)
+    bound = where.bind(params)
+    groups = bound.groups(params)
     policy_state = policy.init(groups)
     clashes = [key for key in policy.statistics(policy_state) if key in OWN_STATISTICS]
     if clashes:
@@ -305,15 +241,16 @@ def clip_norm(
       policy_state=policy_state,
       # Copies: a summary may be a policy-state array itself, and no two fields may share a
       # buffer (a donated step would donate it twice).
-      policy_stats=jax.tree.map(jnp.copy, summaries(policy_state, ())),
-      settings=stats_lib.settings_record(
+      policy_stats=jax.tree.map(jnp.copy, summaries(bound, policy_state, ())),
+      settings=state_lib.settings_record(
         f"{type(policy).__name__}_groups_"
-        + stats_lib.digest(groups.names, jax.tree.map(lambda s: s.shape, groups.norms))
+        + state_lib.digest(groups.names, jax.tree.map(lambda s: s.shape, groups.norms))
       ),
       name=name,
       layer_names=groups.names,
       axis_names=axis_names,
       signature=TreeSignature(params),
+      granularity=None if bound is where else bound,
     )
 
   def update_fn(updates, state, params=None):
@@ -327,15 +264,15 @@ def clip_norm(
           )
         check_same_tree(name, state.signature, params, what="params")
     distributed.check_bound(axis_names, name)
-    groups = where.groups(updates)
+    at = where if state.granularity is None else state.granularity
+    groups = at.groups(updates)
     if groups.names != state.layer_names:
       raise ValueError(
         f"{name}: the granularity names the groups {list(groups.names)} now and "
         f"{list(state.layer_names)} at init; a granularity must name the groups of a tree the same "
         "way every time."
       )
-    measured = where.measure(updates, axis_names)
-    total_norm = norms.safe_sqrt(measured.total_squares)
+    measured, total_norm = measure_robustly(at, updates, axis_names)
     context = Context(
       count=state.count, params=params, groups=groups, axis_names=axis_names, norm=total_norm
     )
@@ -343,11 +280,11 @@ def clip_norm(
     limit = _threshold_like_norms(policy, limit, measured.norms)
     # A negative threshold (a schedule, an injected hyperparameter) clips to 0, never flips signs.
     limit = jax.tree.map(lambda c: jnp.where(c < 0, 0.0, jnp.asarray(c, jnp.float32)), limit)
-    clipped, summary = where.clip(updates, measured, limit, axis_names, **clip_kwargs)
+    clipped, summary = at.clip(updates, measured, limit, rule, axis_names)
     # A non-finite norm must not enter a policy's history, mean or tracker: keep the old state.
     # Nor may a NaN from anywhere else (a NaN hyperparameter injected for one step): an entry that
     # came out NaN keeps its old value, elementwise, in the pass that writes it.
-    finite = jnp.isfinite(measured.total_squares)
+    finite = jnp.isfinite(total_norm)
     policy_state = jax.tree.map(
       lambda new, old: jnp.where(finite & ~jnp.isnan(new), new, old),
       policy_state,
@@ -360,12 +297,12 @@ def clip_norm(
       threshold=(
         jnp.broadcast_to(limit, state.threshold.shape)
         if is_scalar(limit)
-        else where.summarize(limit, axis_names)
+        else at.summarize(limit, axis_names)
       ),
       clipped_fraction=summary.clipped_fraction,
       layer_norms=measured.norms if state.layer_names else (),
       policy_state=policy_state,
-      policy_stats=summaries(policy_state, axis_names),
+      policy_stats=summaries(at, policy_state, axis_names),
     )
     return clipped, keep_dtypes(new_state, state)
 

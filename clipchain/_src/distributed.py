@@ -62,7 +62,7 @@ def check_bound(axis_names: tuple[str, ...], owner: str) -> None:
       ) from None
 
 
-def _tracks_varying_axes() -> bool:
+def tracks_varying_axes() -> bool:
   """Whether JAX is tracking per-value varying axes (inside ``shard_map(check_vma=True)``)."""
   flag = getattr(_jax_config, "_check_vma", None)
   return bool(flag is not None and flag.value)
@@ -70,7 +70,7 @@ def _tracks_varying_axes() -> bool:
 
 def varying_axes_of(x: jax.Array) -> tuple[str, ...]:
   """Every mesh axis along which ``x`` differs between devices where JAX tracks it, else ``()``."""
-  if not _tracks_varying_axes():
+  if not tracks_varying_axes():
     return ()
   aval = jax.typeof(x)
   vma = getattr(aval, "vma", None)
@@ -82,7 +82,7 @@ def varying_axes_of(x: jax.Array) -> tuple[str, ...]:
 def varying_axes(x: jax.Array, axis_names: tuple[str, ...]) -> tuple[str, ...]:
   """The axes of ``axis_names`` along which ``x`` differs between devices (all of them where JAX
   does not track it)."""
-  if not axis_names or not _tracks_varying_axes():
+  if not axis_names or not tracks_varying_axes():
     return axis_names
   varying = varying_axes_of(x)
   return tuple(a for a in axis_names if a in varying)
@@ -94,19 +94,25 @@ def vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
   A value broadcast against a per-device array (a threshold shared by a leaf's shard) must count
   as per-device too, or a sum over it would skip the collective its shard needs.
   """
-  if not _tracks_varying_axes():
+  if not tracks_varying_axes():
     return x
   have = varying_axes_of(x)
   missing = tuple(a for a in varying_axes_of(like) if a not in have)
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def sum_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> list:
-  """Each ``values[i]`` (a reduction of ``leaves[i]``) summed over the axes its leaf varies along.
+def sum_across(
+  values: list[jax.Array],
+  leaves: list,
+  axis_names: tuple[str, ...],
+  exclude: list[tuple[str, ...]] | None = None,
+) -> list:
+  """Each ``values[i]`` (a reduction of ``leaves[i]``) summed over the axes its leaf varies along,
+  except the axes ``exclude[i]`` (along which the values are different slices, not parts of one).
 
   One collective per distinct set of axes, carrying all the values of that set.
   """
-  return _reduce_across(jax.lax.psum, values, leaves, axis_names)
+  return _reduce_across(jax.lax.psum, values, leaves, axis_names, exclude)
 
 
 def max_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...]) -> list:
@@ -114,12 +120,14 @@ def max_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, ...
   return _reduce_across(jax.lax.pmax, values, leaves, axis_names)
 
 
-def _reduce_across(collective, values, leaves, axis_names) -> list:
+def _reduce_across(collective, values, leaves, axis_names, exclude=None) -> list:
   if not axis_names:
     return list(values)
   by_axes: dict[tuple[str, ...], list[int]] = {}
   for i, leaf in enumerate(leaves):
-    by_axes.setdefault(varying_axes(leaf, axis_names), []).append(i)
+    skip = exclude[i] if exclude else ()
+    axes = tuple(a for a in varying_axes(leaf, axis_names) if a not in skip)
+    by_axes.setdefault(axes, []).append(i)
   out = list(values)
   for axes, members in by_axes.items():
     if axes:
@@ -143,6 +151,33 @@ def total_across(values: list[jax.Array], leaves: list, axis_names: tuple[str, .
   return norms.total(partials)
 
 
+def gather_slices(local: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """The per-slice values of a leaf whose axis 0 is split over the mesh axes ``axes``, whole on
+  every device: each device's block written at its place in zeros and summed (a ``psum``, so the
+  result is the same on every device as JAX's varying-axes tracking requires)."""
+  if not axes:
+    return local
+  count = math.prod(jax.lax.axis_size(a) for a in axes)
+  size = local.shape[0]
+  whole = jnp.zeros((size * count, *local.shape[1:]), local.dtype)
+  whole = jax.lax.dynamic_update_slice_in_dim(
+    vary_like(whole, local), local, jax.lax.axis_index(axes) * size, axis=0
+  )
+  return jax.lax.psum(whole, axes)
+
+
+def local_slices(whole: jax.Array, axes: tuple[str, ...], size: int) -> jax.Array:
+  """This device's ``size`` entries along axis 0 of ``whole`` when axis 0 is split over ``axes``."""
+  if not axes:
+    return whole
+  return jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(axes) * size, size, axis=0)
+
+
+def split_count(axes: tuple[str, ...]) -> int:
+  """How many devices the mesh axes ``axes`` split a leaf over (1 for none)."""
+  return math.prod(jax.lax.axis_size(a) for a in axes) if axes else 1
+
+
 def global_size(leaf, axis_names: tuple[str, ...]) -> int:
   """The number of values of ``leaf`` across the devices it is split over."""
   axes = varying_axes(leaf, axis_names)
@@ -154,3 +189,54 @@ def mean_across(x: jax.Array, axis_names: tuple[str, ...]) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   axes = varying_axes(x, axis_names)
   return jax.lax.pmean(x, axes) if axes else x
+
+
+def power_of_two_scale(leaves: list, axis_names: tuple[str, ...] = ()):
+  """``(up, usable)``: ``up`` a power of two that brings the largest magnitude of ``leaves`` (across
+  devices) near 1, so that the float32 squares of ``x * up`` neither overflow nor underflow;
+  ``usable`` is False when that magnitude is 0 or not finite (``up`` is then 1). Scaling by a
+  power of two is exact."""
+  peaks = max_across(
+    [jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in leaves], leaves, axis_names
+  )
+  peak = jnp.max(jnp.stack(peaks)) if peaks else jnp.zeros((), jnp.float32)
+  usable = jnp.isfinite(peak) & (peak > 0)
+  exponent = jnp.where(usable, jnp.floor(jnp.log2(jnp.where(usable, peak, 1.0))), 0.0)
+  return jax.lax.stop_gradient(jnp.exp2(-exponent)), usable
+
+
+def scaled_leaves(leaves: list, up: jax.Array) -> list:
+  """Each leaf times ``up`` (a scalar below 2**127) in its accumulation dtype, each with its own
+  copy of ``up``: a scalar shared by the reductions of equally shaped leaves is written out as a
+  leaf-sized array on XLA's CPU backend (see :func:`clipchain._src.norms.unshared`)."""
+  return [
+    x * norms.unshared(up, i, x.size).astype(norms.accumulation_dtype(x.dtype))
+    for i, x in enumerate(leaves)
+  ]
+
+
+def rescue_needed(total_squares: jax.Array) -> jax.Array | None:
+  """The scalar test that decides whether a float32 sum of squares must be computed again, scaled:
+  it overflowed or came out 0. ``None`` where the test may differ between devices (it cannot then
+  guard collectives)."""
+  suspect = jnp.isinf(total_squares) | (total_squares == 0)
+  return None if varying_axes_of(suspect) else suspect
+
+
+def global_norm(leaves: list, axis_names: tuple[str, ...] = ()) -> jax.Array:
+  """The L2 norm of ``leaves`` across devices, accumulated in float32; right also where the float32
+  sum of squares of finite values overflows or underflows (then, only then, computed again with
+  the values scaled by :func:`power_of_two_scale`, in a ``lax.cond``). NaN and Inf stay so."""
+  total = total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
+  norm = norms.safe_sqrt(total)
+  suspect = rescue_needed(total) if leaves else None
+  if suspect is None:
+    return norm
+
+  def rescue(_):
+    up, usable = power_of_two_scale(leaves, axis_names)
+    scaled = scaled_leaves(leaves, up)
+    again = total_across([norms.sum_of_squares(x) for x in scaled], leaves, axis_names)
+    return jnp.where(usable, norms.safe_sqrt(again) / up.astype(norm.dtype), norm)
+
+  return jax.lax.cond(suspect, rescue, lambda _: norm, None)

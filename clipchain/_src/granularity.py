@@ -9,7 +9,8 @@ with one entry per group, and every threshold policy works elementwise over that
 granularity    one norm per                            the norms pytree
 =============  ======================================  =====================================
 ``Global``     the whole tree                          a scalar
-``Layer``      leaf, or group of leaves (a module...)  a vector, one entry per layer (named)
+``Layer``      leaf, group of leaves (a module...), or  a vector, one entry per layer (named)
+               slice of a stacked (scanned) layer
 ``Unit``       output unit of each leaf (AGC)          per leaf, the leaf's shape with the
                                                        reduced axes kept as size 1
 ``Element``    value                                   per leaf, ``|g|`` elementwise
@@ -22,29 +23,37 @@ A granularity implements four steps (all static in the tree's structure except `
   the layer names and the shapes of the norms, given to a policy's ``init``;
 ``measure(tree, axis_names) -> Measured``
   the norms, summed in float32, and the squares they came from;
-``clip(tree, measured, threshold, axis_names) -> (clipped tree, Summary)``
-  each group scaled by ``min(1, c / norm)``, and what that did;
+``clip(tree, measured, threshold, rule, axis_names) -> (clipped tree, Summary)``
+  each group scaled by the rule's factor (``min(1, c / norm)`` for the clip rule), and what that
+  did;
 ``summarize(values, axis_names) -> jax.Array``
   a per-group pytree (a threshold, a policy's estimate) as one statistic: itself for a scalar,
   one entry per layer for named groups, else the mean over groups and devices.
 
 :class:`Slices` does all four for granularities with one norm per slice of each leaf; a subclass
 says only which axes a slice spans (``reduce_axes``), as :class:`Unit` does.
+
+Two declarations complete a granularity: ``bind(tree)``, called by the core on the tree ``init``
+is given, returns the granularity as it applies to that tree (``Layer`` and ``Unit`` fix there the
+stacked axes that Flax's partition metadata names, which ``update``'s unboxed arrays no longer
+carry); ``check_rule(rule)`` refuses, saying why, a rule that is meaningless at the granularity.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from clipchain._src import distributed, norms
+from clipchain._src import distributed, norms, stacking
 from clipchain._src import layers as layers_lib
-from clipchain._src.rules import CLIP, Rule
+from clipchain._src.rules import Clip, Rule
+from clipchain._src.tree import NamedLeaf, named_leaves
 from clipchain._src.validation import check_choice, check_int
 
 
@@ -111,6 +120,15 @@ def _fraction(over_count: jax.Array, total) -> jax.Array:
   return over_count.astype(jnp.float32) / jnp.maximum(jnp.asarray(total, jnp.float32), 1.0)
 
 
+def _largest(rule: Rule, values, axis_names) -> list:
+  """For each leaf of ``values`` (a granularity's norms), its largest entry across the devices it
+  is split over, where the rule asks for it; else ``None``."""
+  leaves = jax.tree.leaves(values)
+  if not rule.needs_largest:
+    return [None] * len(leaves)
+  return distributed.max_across([jnp.max(n, initial=0.0) for n in leaves], leaves, axis_names)
+
+
 @dataclasses.dataclass(frozen=True)
 class Granularity(abc.ABC):
   """Where a norm is measured. Subclass it (or :class:`Slices`) to write a new granularity.
@@ -130,6 +148,21 @@ class Granularity(abc.ABC):
   groups_grow_with_size: ClassVar[bool] = False
   named_groups: ClassVar[bool] = False
 
+  def bind(self, tree) -> Granularity:
+    """The granularity as it applies to ``tree``, the tree ``init`` is given.
+
+    The core calls it once, at ``init``, and uses what it returns at every ``update`` (it is kept
+    in the state): what can be learnt only from ``init``'s tree, such as the axes Flax's
+    partition metadata names, then holds for the unboxed arrays ``update`` is given. The default
+    returns the granularity itself.
+    """
+    del tree
+    return self
+
+  def check_rule(self, rule: Rule) -> None:  # noqa: B027
+    """Raises ``ValueError`` (saying why) if ``rule`` makes no sense at this granularity; every
+    rule is accepted by default."""
+
   @abc.abstractmethod
   def groups(self, tree) -> Groups:
     """The static structure of the norms of ``tree`` (from shapes only)."""
@@ -139,13 +172,10 @@ class Granularity(abc.ABC):
     """The norms of ``tree``, accumulated in float32, summed across ``axis_names``."""
 
   @abc.abstractmethod
-  def clip(
-    self, tree, measured: Measured, threshold, axis_names: tuple[str, ...] = (), rule: Rule = CLIP
-  ):
-    """``(clipped tree, Summary)``: each group scaled by ``rule.factor(norm, c)`` (by default
-    ``min(1, c / norm)``); ``threshold`` is a scalar or a pytree shaped like ``measured.norms``,
-    all values >= 0. A granularity whose ``clip`` has no ``rule`` parameter supports the default
-    rule only."""
+  def clip(self, tree, measured: Measured, threshold, rule: Rule, axis_names: tuple[str, ...] = ()):
+    """``(clipped tree, Summary)``: each group scaled by ``rule.factor(norm, c, largest)``;
+    ``threshold`` is a scalar or a pytree shaped like ``measured.norms``, all values >= 0, and
+    ``largest`` is given where ``rule.needs_largest``."""
 
   @abc.abstractmethod
   def summarize(self, values, axis_names: tuple[str, ...] = ()) -> jax.Array:
@@ -165,9 +195,10 @@ class Global(Granularity):
     total = distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
     return Measured(norms.safe_sqrt(total), total, total)
 
-  def clip(self, tree, measured, threshold, axis_names=(), rule=CLIP):
+  def clip(self, tree, measured, threshold, rule, axis_names=()):
     threshold = jnp.asarray(threshold, jnp.float32)
-    factor = rule.factor(measured.norms, threshold)
+    # One group: the largest norm is its own.
+    factor = rule.factor(measured.norms, threshold, measured.norms)
     clipped = jax.tree.map(lambda x: norms.scale(x, factor), tree)
     changed = rule.changes(measured.norms, threshold)
     return clipped, Summary(factor * measured.norms, changed.astype(jnp.float32))
@@ -176,9 +207,73 @@ class Global(Granularity):
     return jnp.asarray(values, jnp.float32)
 
 
+class StackedLeaves:
+  """What the layer and unit granularities share: the stacked (scanned) axes of each leaf.
+
+  Each slice along a leaf's stacked axes is a layer of its own. The axes come from
+  ``stacked_axes`` (an int for every leaf, a mapping of path regex to int, or a callable
+  ``(path, leaf) -> int``) and, for the leaves it leaves unstacked, from the Flax partition
+  metadata of boxed parameters: an axis named ``stacked_axis_name``. :meth:`bind` records them for
+  the tree ``init`` sees, so the unboxed arrays of ``update`` are grouped the same way.
+  """
+
+  stacked_axes: stacking.StackedSpec
+  stacked_axis_name: str | None
+  stacked_mesh_axes: tuple[str, ...]
+  bound_stacks: tuple[tuple[str, tuple[int, ...]], ...] | None
+
+  def _check_stacking(self) -> None:
+    object.__setattr__(self, "stacked_axes", stacking.validate_stacked(self.stacked_axes))
+    stacking.validate_axis_name(self.stacked_axis_name)
+    mesh_axes = self.stacked_mesh_axes
+    names = distributed.as_axis_names(mesh_axes) if mesh_axes else ()
+    object.__setattr__(self, "stacked_mesh_axes", names)
+
+  def split_axes(self, x, stacked: tuple[int, ...]) -> tuple[str, ...]:
+    """The mesh axes that split the first stacked axis of leaf ``x`` (inside ``shard_map``): the
+    declared ``stacked_mesh_axes`` along which ``x`` varies."""
+    if not stacked or not self.stacked_mesh_axes:
+      return ()
+    varying = distributed.varying_axes_of(x)
+    return tuple(a for a in self.stacked_mesh_axes if a in varying)
+
+  def bind(self, tree):
+    stacks = tuple((leaf.path, self._positions(leaf)) for leaf in named_leaves(tree))
+    return dataclasses.replace(self, bound_stacks=stacks)  # type: ignore[type-var]
+
+  def _positions(self, leaf: NamedLeaf) -> tuple[int, ...]:
+    return stacking.positions(self.stacked_axes, self.stacked_axis_name, leaf)
+
+  def stacked_axes_of(self, tree) -> list[tuple[int, ...]]:
+    """The stacked axes of every leaf of ``tree`` (as ``init``'s tree had them, once bound)."""
+    bound = dict(self.bound_stacks or ())
+    return [
+      bound[leaf.path] if leaf.path in bound else self._positions(leaf)
+      for leaf in named_leaves(tree)
+    ]
+
+
+def _other_axes(x, stacked: tuple[int, ...]) -> tuple[int, ...] | None:
+  """The axes a leaf's per-slice reduction runs over (``None``, every axis, when unstacked)."""
+  if not stacked:
+    return None
+  return tuple(d for d in range(jnp.ndim(x)) if d not in stacked)
+
+
+def _slice_factors(factors: jax.Array, first: int, stack: tuple[int, ...], x, stacked):
+  """The factors of one leaf's groups, shaped to broadcast against the leaf."""
+  if not stack:
+    return factors[first]
+  shape = [1] * jnp.ndim(x)
+  for axis, size in zip(stacked, stack):
+    shape[axis] = size
+  return factors[first : first + math.prod(stack)].reshape(shape)
+
+
 @dataclasses.dataclass(frozen=True)
-class Layer(Granularity):
-  """One norm per layer: per leaf by default, or per group of leaves.
+class Layer(StackedLeaves, Granularity):
+  """One norm per layer: per leaf by default, or per group of leaves, and per slice of a stacked
+  (scanned) layer.
 
   Args:
     layers: how leaves form layers: ``None`` or ``"leaf"`` (each leaf), ``"module"`` (the leaves
@@ -187,19 +282,47 @@ class Layer(Granularity):
       ``(path: str, leaf) -> name``.
     norm: ``"l2"`` (the L2 norm) or ``"rms"`` (the root mean square, as Adafactor's and
       ``optax.clip_by_block_rms``'s update clipping).
+    stacked_axes: which leading axes of a leaf index stacked layers (``nn.scan``, ``nnx.vmap``):
+      an int (every leaf), a mapping ``{path regex: int}`` (first match; leaves that match none
+      are not stacked) or a callable ``(path, leaf) -> int``. Each slice along them is a layer of
+      its own, named by its layer's name with the index appended (``params/layers/wi/kernel/3``,
+      ``.../3/1`` for two stacked axes); with ``layers="module"``, slice ``i`` of every leaf of
+      the module forms layer ``i`` of that module.
+    stacked_axis_name: with boxed parameters (``nn.Partitioned``, ``nn.LogicallyPartitioned``,
+      NNX sharding metadata), an axis of that name is stacked without being told, in every leaf
+      ``stacked_axes`` leaves unstacked; ``None`` turns this off.
+    stacked_mesh_axes: inside ``shard_map``, the mesh axes along which the first stacked axis is
+      split (each device holds some of the layers, as pipeline stages do). The layers' norms are
+      then gathered, so that every device sees every layer under its global index; a leaf
+      split along other axes is summed across them as usual (``axis_name`` of the transform).
+      Not needed under ``jit`` with sharded arrays.
   """
 
   named_groups: ClassVar[bool] = True
 
   layers: layers_lib.LayersSpec = None
   norm: Literal["l2", "rms"] = "l2"
+  stacked_axes: stacking.StackedSpec = 0
+  stacked_axis_name: str | None = stacking.LAYER_AXIS_NAME
+  stacked_mesh_axes: tuple[str, ...] = ()
+  bound_stacks: tuple[tuple[str, tuple[int, ...]], ...] | None = dataclasses.field(
+    default=None, repr=False
+  )
 
   def __post_init__(self):
     object.__setattr__(self, "layers", layers_lib.validate_layers(self.layers))
     check_choice("norm", self.norm, ("l2", "rms"))
+    self._check_stacking()
 
   def _grouping(self, tree) -> layers_lib.Grouping:
-    return layers_lib.resolve(self.layers, tree)
+    stacked = self.stacked_axes_of(tree)
+    shapes = []
+    for x, axes in zip(jax.tree.leaves(tree), stacked):
+      shape = [int(jnp.shape(x)[a]) for a in axes]
+      if shape:
+        shape[0] *= distributed.split_count(self.split_axes(x, axes))
+      shapes.append(tuple(shape))
+    return layers_lib.resolve(self.layers, tree, stacked, shapes)
 
   def groups(self, tree) -> Groups:
     names = self._grouping(tree).names
@@ -208,30 +331,63 @@ class Layer(Granularity):
   def measure(self, tree, axis_names=()) -> Measured:
     grouping = self._grouping(tree)
     leaves = jax.tree.leaves(tree)
-    leaf_squares = distributed.sum_across(
-      [norms.sum_of_squares(x) for x in leaves], leaves, axis_names
-    )
+    leaf_squares = [
+      norms.sum_of_squares(x, axis=_other_axes(x, stacked))
+      for x, stacked in zip(leaves, grouping.leaf_stacked)
+    ]
+    split = [self.split_axes(x, stacked) for x, stacked in zip(leaves, grouping.leaf_stacked)]
+    # Summed across the devices a slice is split over; gathered across those that hold other
+    # layers of the stack.
+    leaf_squares = distributed.sum_across(leaf_squares, leaves, axis_names, split)
+    leaf_squares = [distributed.gather_slices(s, axes) for s, axes in zip(leaf_squares, split)]
     members = grouping.members()
     if not members:
       empty = jnp.zeros((0,), jnp.float32)
       return Measured(empty, empty, jnp.zeros((), jnp.float32))
-    layer_squares = jnp.stack([norms.total([leaf_squares[i] for i in m]) for m in members])
+    if grouping.stacked:
+      # As in Slices.measure: without the barrier XLA rewrites the sum of the per-slice sums as a
+      # second full reduction of each stacked leaf and writes the squares out to share them.
+      # (One barrier per leaf, so that each keeps the mesh axes it varies along.)
+      leaf_squares = [jax.lax.optimization_barrier(s) for s in leaf_squares]
+    layer_squares = jnp.concatenate(
+      [jnp.reshape(norms.total([leaf_squares[i] for i in m]), (-1,)) for m in members]
+    )
     if self.norm == "rms":
-      sizes = [sum(distributed.global_size(leaves[i], axis_names) for i in m) for m in members]
-      layer_norms = norms.safe_sqrt(layer_squares / jnp.array([max(s, 1) for s in sizes]))
+      sizes = []
+      for m, stack in zip(members, grouping.layer_stack):
+        size = sum(
+          distributed.global_size(leaves[i], tuple({*axis_names, *split[i]})) for i in m
+        ) // math.prod(stack)
+        sizes.extend([max(size, 1)] * math.prod(stack))
+      layer_norms = norms.safe_sqrt(layer_squares / jnp.array(sizes, jnp.float32))
     else:
       layer_norms = norms.safe_sqrt(layer_squares)
     return Measured(layer_norms, layer_squares, jnp.sum(layer_squares))
 
-  def clip(self, tree, measured, threshold, axis_names=(), rule=CLIP):
+  def clip(self, tree, measured, threshold, rule, axis_names=()):
     grouping = self._grouping(tree)
     threshold = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), jnp.shape(measured.norms))
-    factors = rule.factor(measured.norms, threshold)
+    # The layers' norms are whole on every device: the largest needs no collective.
+    largest = jnp.max(measured.norms, initial=0.0) if rule.needs_largest else None
+    factors = rule.factor(measured.norms, threshold, largest)
     leaves, treedef = jax.tree.flatten(tree)
-    clipped = [norms.scale(x, factors[layer]) for x, layer in zip(leaves, grouping.leaf_layer)]
+    clipped = []
+    for i, x in enumerate(leaves):
+      first, stack = grouping.leaf_groups(i)
+      stacked = grouping.leaf_stacked[i]
+      factor = _slice_factors(factors, first, stack, x, stacked)
+      if stack:
+        size = int(jnp.shape(x)[stacked[0]])
+        factor = distributed.local_slices(
+          jnp.moveaxis(factor, stacked[0], 0), self.split_axes(x, stacked), size
+        )
+        factor = jnp.moveaxis(factor, 0, stacked[0])
+      clipped.append(norms.scale(x, factor))
     over = rule.changes(measured.norms, threshold)
+    # From the L2 norms rather than factor² x squares, which a float32 square can overflow.
+    l2 = measured.norms if self.norm == "l2" else norms.safe_sqrt(measured.squares)
     summary = Summary(
-      clipped_norm=norms.safe_sqrt(jnp.sum(factors * factors * measured.squares)),
+      clipped_norm=norms.safe_sqrt(jnp.sum(jnp.square(factors * l2))),
       clipped_fraction=_fraction(jnp.sum(over), len(grouping.names)),
     )
     return jax.tree.unflatten(treedef, clipped), summary
@@ -265,13 +421,18 @@ class Slices(Granularity):
 
   def _axes(self, tree, axis_names=()) -> list[tuple[int, ...]]:
     return [
-      self.reduce_axes(
-        jnp.shape(x),
-        layers_lib.path_str(p),
-        split=bool(axis_names and distributed.varying_axes(x, axis_names)),
-      )
-      for p, x in layers_lib.flatten_with_path(tree)
+      self.reduce_axes(jnp.shape(leaf.leaf), leaf.path, split=_is_split(leaf.leaf, axis_names))
+      for leaf in named_leaves(tree)
     ]
+
+  def _stack_split(self, tree) -> list[tuple[str, ...]]:
+    """For each leaf, the mesh axes along which it holds other slices than its neighbours (a
+    stack split across devices): never summed across, but summarised across."""
+    return [()] * len(jax.tree.leaves(tree))
+
+  def _summary_axes(self) -> tuple[str, ...]:
+    """The mesh axes ``_stack_split`` may name."""
+    return ()
 
   def groups(self, tree) -> Groups:
     shapes = [
@@ -290,22 +451,37 @@ class Slices(Granularity):
     ]
     # Summed across the devices a leaf is split over: a slice split over devices (FSDP over the
     # input dimension of a unit) is measured whole.
-    squares = distributed.sum_across(squares, leaves, axis_names)
+    squares = distributed.sum_across(squares, leaves, axis_names, self._stack_split(tree))
     # The barrier keeps XLA from rewriting sum(per-slice sums) as a second full reduction of the
     # leaf, which would make it materialise the squares as a gradient-sized temporary (measured
     # on CPU: 64 MiB and 4x the step time for 8 leaves of 2048x1024).
-    total = norms.total([jnp.sum(s) for s in jax.lax.optimization_barrier(squares)])
+    # One barrier per leaf: a barrier over several marks each output varying along the mesh axes
+    # any of them varies along.
+    barriered = [jax.lax.optimization_barrier(s) for s in squares]
+    total = distributed.total_across(
+      [jnp.sum(s) for s in barriered], barriered, self._summary_axes()
+    )
     unit_norms = [norms.safe_sqrt(s) for s in squares]
     return Measured(
       jax.tree.unflatten(treedef, unit_norms), jax.tree.unflatten(treedef, squares), total
     )
 
-  def clip(self, tree, measured, threshold, axis_names=(), rule=CLIP):
+  def clip(self, tree, measured, threshold, rule, axis_names=()):
     threshold = broadcast_like(threshold, measured.norms)
-    factors = jax.tree.map(rule.factor, measured.norms, threshold)
+    treedef = jax.tree.structure(measured.norms)
+    factors = treedef.unflatten(
+      [
+        rule.factor(n, c, peak)
+        for n, c, peak in zip(
+          jax.tree.leaves(measured.norms),
+          jax.tree.leaves(threshold),
+          _largest(rule, measured.norms, axis_names),
+        )
+      ]
+    )
     clipped = jax.tree.map(norms.scale, tree, factors)
     over = jax.tree.map(rule.changes, measured.norms, threshold)
-    clipped_squares = jax.tree.map(lambda f, s: f * f * s, factors, measured.squares)
+    clipped_squares = jax.tree.map(lambda f, n: jnp.square(f * n), factors, measured.norms)
     summary = Summary(
       clipped_norm=norms.safe_sqrt(self._sum(clipped_squares, axis_names)),
       clipped_fraction=_fraction(self._sum(over, axis_names), self._count(over, axis_names)),
@@ -322,63 +498,102 @@ class Slices(Granularity):
     sums = [jnp.sum(x, dtype=jnp.float32) for x in leaves]
     if self.slices_split_like_leaves:
       return distributed.total_across(sums, leaves, axis_names)
-    return norms.total(sums)
+    # Whole slices; where a stack is split across devices, each holds other slices.
+    return distributed.total_across(sums, leaves, self._summary_axes())
 
   def _count(self, tree, axis_names) -> jax.Array:
     leaves = jax.tree.leaves(tree)
-    if self.slices_split_like_leaves:
-      return jnp.asarray(sum(distributed.global_size(x, axis_names) for x in leaves), jnp.float32)
-    return jnp.asarray(sum(x.size for x in leaves), jnp.float32)
+    axes = axis_names if self.slices_split_like_leaves else self._summary_axes()
+    return jnp.asarray(sum(distributed.global_size(x, axes) for x in leaves), jnp.float32)
+
+
+def _is_split(x, axis_names) -> bool:
+  return bool(axis_names and distributed.varying_axes(x, axis_names))
 
 
 _FLAX_UNIT_AXES = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}
 
 
 @dataclasses.dataclass(frozen=True)
-class Unit(Slices):
-  """One norm per output unit of each leaf (the granularity of AGC).
+class Unit(StackedLeaves, Slices):
+  """One norm per output unit of each leaf (the granularity of AGC), in each slice of a stacked
+  (scanned) layer.
 
   A unit is the slice of a weight that feeds one output: all axes but the output axis are reduced.
 
   Args:
     axis: the axes to reduce, for every leaf; overrides ``layout``. Negative axes count from the
-      end; an axis out of range for a leaf is an error.
+      end; an axis out of range for a leaf, or a stacked axis, is an error.
     layout: ``"flax"`` for ``(..., in, out)`` kernels (Flax, Haiku): scalars and vectors are one
       unit, rank 2 and 3 reduce axis 0, rank 4 (HWIO) axes 0-2, rank 5 axes 0-3, as
       ``optax.adaptive_grad_clip``; ``"torch"`` for ``(out, in, ...)`` weights (PyTorch ports,
       Equinox): every axis but the first is reduced.
-    stacked_axes: the number of leading axes that index stacked (scanned) layers; they are kept,
-      so each layer of a stack is clipped on its own, and the layout applies to the rest.
+    stacked_axes: which leading axes of a leaf index stacked layers, as for
+      :class:`Layer`: an int (every leaf), a mapping ``{path regex: int}`` or a callable
+      ``(path, leaf) -> int``. They are kept, so each layer of a stack is clipped on its own, and
+      the layout applies to the other axes.
+    stacked_axis_name: with boxed parameters, an axis of that name in their partition metadata is
+      stacked without being told (see :class:`Layer`); ``None`` turns this off.
+    stacked_mesh_axes: inside ``shard_map``, the mesh axes along which the first stacked axis is
+      split (see :class:`Layer`): each device clips its own layers' units, and the summaries are
+      taken over every device's.
   """
 
   axis: int | Sequence[int] | None = None
   layout: Literal["flax", "torch"] = "flax"
-  stacked_axes: int | None = 0
+  stacked_axes: stacking.StackedSpec = 0
+  stacked_axis_name: str | None = stacking.LAYER_AXIS_NAME
+  stacked_mesh_axes: tuple[str, ...] = ()
+  bound_stacks: tuple[tuple[str, tuple[int, ...]], ...] | None = dataclasses.field(
+    default=None, repr=False
+  )
 
   def __post_init__(self):
     check_choice("layout", self.layout, ("flax", "torch"))
-    stacked = 0 if self.stacked_axes is None else self.stacked_axes
-    check_int("stacked_axes", stacked, minimum=0, static=True)
-    object.__setattr__(self, "stacked_axes", int(stacked))
+    self._check_stacking()
     if self.axis is not None:
       axes = (self.axis,) if not isinstance(self.axis, Sequence) else tuple(self.axis)
       for a in axes:
         check_int("axis", a, static=True)
       object.__setattr__(self, "axis", tuple(int(a) for a in axes))
 
+  def _axes(self, tree, axis_names=()) -> list[tuple[int, ...]]:
+    return [
+      self._unit_axes(jnp.shape(leaf.leaf), leaf.path, _is_split(leaf.leaf, axis_names), stacked)
+      for leaf, stacked in zip(named_leaves(tree), self.stacked_axes_of(tree))
+    ]
+
+  def _stack_split(self, tree) -> list[tuple[str, ...]]:
+    return [
+      self.split_axes(x, s) for x, s in zip(jax.tree.leaves(tree), self.stacked_axes_of(tree))
+    ]
+
+  def _summary_axes(self) -> tuple[str, ...]:
+    # Only inside shard_map, where JAX tells which values vary along them.
+    return self.stacked_mesh_axes if distributed.tracks_varying_axes() else ()
+
   def reduce_axes(self, shape, path="", *, split=False):
+    stacked = self._positions(NamedLeaf(path, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)))
+    return self._unit_axes(tuple(shape), path, split, stacked)
+
+  def _unit_axes(self, shape, path, split, stacked) -> tuple[int, ...]:
     if self.axis is not None:
-      for a in self.axis:
+      given = tuple(self.axis) if isinstance(self.axis, Sequence) else (self.axis,)
+      for a in given:
         if not -len(shape) <= a < len(shape):
           raise ValueError(
             f"axis={self.axis} is out of range for leaf {path!r} of shape {shape} (rank "
             f"{len(shape)}); pass axes that every leaf has, or mask the leaves that differ."
           )
-      return tuple(sorted({a % len(shape) for a in self.axis}))
-    k = self.stacked_axes
-    if len(shape) < k:
-      raise ValueError(f"leaf {path!r} of shape {shape} has fewer axes than stacked_axes={k}.")
-    inner = shape[k:]
+      axes = tuple(sorted({a % len(shape) for a in given}))
+      if set(axes) & set(stacked):
+        raise ValueError(
+          f"axis={self.axis} reduces the stacked axes {stacked} of leaf {path!r} of shape "
+          f"{shape}; name only axes within one layer, or leave the leaf unstacked."
+        )
+      return axes
+    kept = [d for d in range(len(shape)) if d not in stacked]
+    inner = tuple(shape[d] for d in kept)
     squeezed_rank = sum(d != 1 for d in inner)
     if self.layout == "torch":
       axes = tuple(range(len(inner))) if len(inner) <= 1 else tuple(range(1, len(inner)))
@@ -398,30 +613,31 @@ class Unit(Slices):
     else:
       raise ValueError(
         f"leaf {path!r} has shape {shape}: the flax layout defines units for ranks up to 5 "
-        "(after stacked_axes); pass axis= to say which axes to reduce."
+        "(after the stacked axes); pass axis= to say which axes to reduce."
       )
-    return tuple(a + k for a in axes)
+    return tuple(kept[a] for a in axes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Element(Slices):
   """Every value on its own: ``g`` is clipped to ``[-c, c]`` (``optax.clip``).
 
-  A complex value keeps its phase: its modulus is clipped to ``c``.
-
-  Args:
-    over: how a value above its threshold is brought under it. ``"clamp"``: set to ``±c``.
-      ``"rescale"``: multiplied by ``c / max|g|``, the largest magnitude of its leaf, so the values
-      over the threshold keep their order and the largest lands on ``c`` (Stable-SPAM's AdaClip).
+  A complex value keeps its phase: its modulus is clipped to ``c``. With ``rule="rescale"`` the
+  values above the threshold are multiplied by ``c / max|g|`` of their leaf instead, so they keep
+  their order (Stable-SPAM's AdaClip). A rule that changes every group (normalising) is refused:
+  setting every value's magnitude to the threshold is sign descent.
   """
 
   one_group_per_value: ClassVar[bool] = True
   slices_split_like_leaves: ClassVar[bool] = True
 
-  over: Literal["clamp", "rescale"] = "clamp"
-
-  def __post_init__(self):
-    check_choice("over", self.over, ("clamp", "rescale"))
+  def check_rule(self, rule: Rule) -> None:
+    if rule.changes_every_group:
+      raise ValueError(
+        f"rule={rule!r} is not meaningful at the Element granularity: each group is one value, "
+        "and setting a value's magnitude to the threshold replaces every update by ±threshold "
+        "(sign descent). Use rule='clip' or 'rescale' there, or a coarser granularity."
+      )
 
   def reduce_axes(self, shape, path="", *, split=False):
     return ()
@@ -433,40 +649,27 @@ class Element(Slices):
     total = distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
     return Measured(magnitudes, None, total)
 
-  def clip(self, tree, measured, threshold, axis_names=()):
+  def clip(self, tree, measured, threshold, rule, axis_names=()):
     threshold = broadcast_like(threshold, measured.norms)
     leaves, treedef = jax.tree.flatten(tree)
     magnitudes = jax.tree.leaves(measured.norms)
-    if self.over == "rescale":
-      largest = distributed.max_across(
-        [jnp.max(m, initial=0.0) for m in magnitudes], leaves, axis_names
-      )
-    else:
-      largest = [None] * len(leaves)
+    largest = _largest(rule, measured.norms, axis_names)
 
     def clip_leaf(x, magnitude, c, peak):
-      acc = norms.accumulation_dtype(x.dtype)
-      if peak is not None:
-        # Over the threshold: scaled by c / (the leaf's largest magnitude), which is <= 1 there.
-        # A zero leaf has nothing over it; the stand-in keeps jax.grad finite there.
-        over = norms.exceeds(magnitude, c)
-        return norms.scale(x, jnp.where(over, c / jnp.where(peak > 0, peak, 1.0), 1.0))
-      if jnp.iscomplexobj(x):
-        return norms.scale(x, norms.clip_scale(magnitude, c))
-      c = c.astype(acc)
-      return jnp.clip(x.astype(acc), -c, c).astype(norms.output_dtype(x.dtype))
+      if isinstance(rule, Clip) and not jnp.iscomplexobj(x):
+        # The clip rule on one value is a clamp, computed exactly as optax.clip does.
+        acc = norms.accumulation_dtype(x.dtype)
+        c = c.astype(acc)
+        return jnp.clip(x.astype(acc), -c, c).astype(norms.output_dtype(x.dtype))
+      return norms.scale(x, rule.factor(magnitude, c, peak))
 
     clipped = jax.tree.unflatten(
       treedef,
       [clip_leaf(*args) for args in zip(leaves, magnitudes, jax.tree.leaves(threshold), largest)],
     )
-    over = jax.tree.map(norms.exceeds, measured.norms, threshold)
-    clipped_leaves = jax.tree.leaves(clipped)
-    clipped_squares = distributed.total_across(
-      [norms.sum_of_squares(x) for x in clipped_leaves], clipped_leaves, axis_names
-    )
+    over = jax.tree.map(rule.changes, measured.norms, threshold)
     summary = Summary(
-      clipped_norm=norms.safe_sqrt(clipped_squares),
+      clipped_norm=distributed.global_norm(jax.tree.leaves(clipped), axis_names),
       clipped_fraction=_fraction(self._sum(over, axis_names), self._count(over, axis_names)),
     )
     return clipped, summary
@@ -482,18 +685,75 @@ GRANULARITIES: dict[str, type[Granularity]] = {
 GranularityLike = Literal["global", "layer", "unit", "element"] | Granularity
 
 
-def as_granularity(granularity: GranularityLike) -> Granularity:
-  """``"global"``, ``"layer"``, ``"unit"`` or ``"element"`` (with defaults), or a granularity."""
+def as_granularity(
+  granularity: GranularityLike, stacked_axes: stacking.StackedSpec = 0
+) -> Granularity:
+  """``"global"``, ``"layer"``, ``"unit"`` or ``"element"`` (with defaults, and ``stacked_axes``
+  for ``"layer"`` and ``"unit"``), or a granularity."""
+  stacked = not stacking.is_default(stacked_axes)
   if isinstance(granularity, Granularity):
+    if stacked:
+      raise ValueError(
+        f"stacked_axes={stacked_axes!r} was given beside the granularity object {granularity!r}; "
+        "give it to the granularity itself (e.g. Layer(stacked_axes=...))."
+      )
     return granularity
   if isinstance(granularity, str):
-    if granularity in GRANULARITIES:
-      return GRANULARITIES[granularity]()
-    raise ValueError(
-      f"granularity must be one of {sorted(GRANULARITIES)} or a clipchain.granularity object; "
-      f"got {granularity!r}."
-    )
+    if granularity not in GRANULARITIES:
+      raise ValueError(
+        f"granularity must be one of {sorted(GRANULARITIES)} or a clipchain.granularity object; "
+        f"got {granularity!r}."
+      )
+    cls = GRANULARITIES[granularity]
+    if not stacked:
+      return cls()
+    if not issubclass(cls, StackedLeaves):
+      raise ValueError(
+        f"stacked_axes applies to the 'layer' and 'unit' granularities; got "
+        f"stacked_axes={stacked_axes!r} with granularity={granularity!r}."
+      )
+    return cls(stacked_axes=stacked_axes)  # type: ignore[call-arg]
   raise TypeError(
     f"granularity must be a str ({sorted(GRANULARITIES)}) or a clipchain.granularity.Granularity; "
     f"got {granularity!r} of type {type(granularity).__name__}."
   )
+
+
+def measure_robustly(
+  granularity: Granularity, tree, axis_names: tuple[str, ...] = ()
+) -> tuple[Measured, jax.Array]:
+  """``granularity.measure(tree)`` and the tree's global norm, right also where the float32 sum of
+  squares overflows (finite values above about 1e19) or underflows to 0 (values all below about
+  1e-19).
+
+  Only then, decided by one scalar test of the tree's sum of squares, the tree is measured again
+  with its values scaled by a power of two that brings its largest magnitude near 1 (exact), and
+  the norms scaled back: a ``lax.cond``, so the common case costs nothing more (under ``vmap`` it
+  becomes a select and both are computed). A NaN or an infinity stays what it is. A group that
+  underflows beside others that do not is not rescued.
+  """
+  measured = granularity.measure(tree, axis_names)
+  total_norm = norms.safe_sqrt(measured.total_squares)
+  leaves = jax.tree.leaves(tree)
+  suspect = distributed.rescue_needed(measured.total_squares) if leaves else None
+  if suspect is None:
+    return measured, total_norm
+
+  def rescue(_):
+    up, usable = distributed.power_of_two_scale(leaves, axis_names)
+    scaled = jax.tree.unflatten(jax.tree.structure(tree), distributed.scaled_leaves(leaves, up))
+    again = granularity.measure(scaled, axis_names)
+    down = 1 / up
+    # Squares scaled back in two steps: down² alone can overflow where the squares do not.
+    back = lambda s: s * down.astype(s.dtype) * down.astype(s.dtype)
+    rescued = Measured(
+      jax.tree.map(lambda n: n * down.astype(n.dtype), again.norms),
+      jax.tree.map(back, again.squares),
+      back(again.total_squares),
+    )
+    rescued_norm = norms.safe_sqrt(again.total_squares) * down.astype(total_norm.dtype)
+    return jax.tree.map(
+      lambda r, o: jnp.where(usable, r, o), (rescued, rescued_norm), (measured, total_norm)
+    )
+
+  return jax.lax.cond(suspect, rescue, lambda _: (measured, total_norm), None)

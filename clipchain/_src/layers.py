@@ -8,11 +8,15 @@ written as ``"params/Dense_0/kernel"``; these strings name layers in statistics 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
+
+from clipchain._src import stacking
+from clipchain._src.tree import named_leaves, path_str
+from clipchain._src.validation import FrozenDict
 
 # What a user may pass as ``layers=``:
 #   None               every leaf is its own layer;
@@ -22,57 +26,6 @@ import jax
 LayersSpec = None | str | Mapping[str, str] | Callable[[str, Any], str]
 
 _BY_NAME = ("leaf", "module")
-
-
-def path_str(path) -> str:
-  """``('params', 'Dense_0', 'kernel')``-like key paths as ``"params/Dense_0/kernel"``."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(str(key.name))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:
-      parts.append(str(key).strip(".[]'\""))
-  return "/".join(parts)
-
-
-def is_nnx_variable(node) -> bool:
-  nnx = sys.modules.get("flax.nnx")
-  return nnx is not None and isinstance(node, nnx.Variable)
-
-
-def is_boxed(node) -> bool:
-  """A Flax NNX ``Variable``, or a linen box such as ``nn.Partitioned`` (``AxisMetadata``)."""
-  meta = sys.modules.get("flax.core.meta")
-  return is_nnx_variable(node) or (meta is not None and isinstance(node, meta.AxisMetadata))
-
-
-def flatten_with_path(tree) -> list[tuple[tuple, Any]]:
-  """``jax.tree_util.tree_flatten_with_path(tree)[0]``, except that the leaf of a Flax NNX
-  ``Variable`` or of a linen box (``nn.Partitioned``) is named by the box's own path, without its
-  trailing ``value`` key.
-
-  ``nnx.Optimizer`` calls ``init`` on a state of Variables but ``update`` on plain arrays; both
-  must give the same layer names, and ``"module"`` must group a module's kernel and bias, boxed
-  or not.
-  """
-  flat: list[tuple[Any, Any]] = []
-  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_boxed)[0]:
-    if is_boxed(node):
-      flat.extend((path + p[1:], x) for p, x in jax.tree_util.tree_flatten_with_path(node)[0])
-    else:
-      flat.append((path, node))
-  return flat
-
-
-def leaf_paths(tree) -> list[str]:
-  """The path string of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
-  return [path_str(p) for p, _ in flatten_with_path(tree)]
 
 
 def validate_layers(layers: LayersSpec) -> LayersSpec:
@@ -101,7 +54,7 @@ def validate_layers(layers: LayersSpec) -> LayersSpec:
         raise ValueError(
           f"layers[{name!r}] is not a valid regular expression: {pattern!r} ({e})."
         ) from None
-    return dict(layers)
+    return FrozenDict(layers)
   raise TypeError(
     f"layers must be None, one of {list(_BY_NAME)}, a mapping of layer name to regex, or a "
     f"callable (path, leaf) -> name; got {layers!r}."
@@ -109,46 +62,109 @@ def validate_layers(layers: LayersSpec) -> LayersSpec:
 
 
 class Grouping(NamedTuple):
-  """A resolved grouping: ``names[leaf_layer[i]]`` is the layer of leaf ``i``."""
+  """A resolved grouping.
+
+  A layer is the leaves given one name; when its leaves are stacked (scanned), each slice along
+  the stacked axes is a group of its own, named ``layer/i`` (``layer/i/j`` for two stacked axes).
+
+  Attributes:
+    names: the name of every group, layer by layer, slices in row-major order.
+    leaf_layer: for every leaf, the index of its layer.
+    layer_first: for every layer, the index in ``names`` of its first group.
+    layer_stack: for every layer, the shape of its stack (``()`` when it is not stacked).
+    leaf_stacked: for every leaf, its stacked axes.
+  """
 
   names: tuple[str, ...]
   leaf_layer: tuple[int, ...]
+  layer_first: tuple[int, ...]
+  layer_stack: tuple[tuple[int, ...], ...]
+  leaf_stacked: tuple[tuple[int, ...], ...]
 
   @property
-  def is_per_leaf(self) -> bool:
-    return self.leaf_layer == tuple(range(len(self.leaf_layer)))
+  def stacked(self) -> bool:
+    return any(self.layer_stack)
 
   def members(self) -> list[list[int]]:
     """For each layer, the indices of its leaves."""
-    out: list[list[int]] = [[] for _ in self.names]
+    out: list[list[int]] = [[] for _ in self.layer_first]
     for leaf, layer in enumerate(self.leaf_layer):
       out[layer].append(leaf)
     return out
 
+  def leaf_groups(self, leaf: int) -> tuple[int, tuple[int, ...]]:
+    """The first group of leaf ``leaf`` and its stack shape (the groups follow row by row)."""
+    layer = self.leaf_layer[leaf]
+    return self.layer_first[layer], self.layer_stack[layer]
 
-def resolve(layers: LayersSpec, tree) -> Grouping:
-  """Assigns each leaf of ``tree`` to a layer, from the tree's structure alone."""
-  flat = flatten_with_path(tree)
-  paths = [path_str(p) for p, _ in flat]
+
+def resolve(
+  layers: LayersSpec,
+  tree,
+  stacked: list[tuple[int, ...]] | None = None,
+  shapes: list[tuple[int, ...]] | None = None,
+) -> Grouping:
+  """Assigns each leaf of ``tree`` to a layer, and each slice of a stacked leaf to a group, from
+  the tree's structure alone. ``stacked``: each leaf's stacked axes (none by default);
+  ``shapes``: each leaf's stack shape, where it is not the sizes of those axes (a stack split
+  across devices)."""
+  flat = named_leaves(tree)
+  paths = [leaf.path for leaf in flat]
   if layers is None or layers == "leaf":
-    keys = _unambiguous(paths, [p for p, _ in flat], "leaves")
+    keys = _unambiguous(paths, [leaf.key_path for leaf in flat], "leaves")
   elif layers == "module":
-    parents = [p[:-1] if len(p) > 1 else p for p, _ in flat]
+    parents = [leaf.key_path[:-1] if len(leaf.key_path) > 1 else leaf.key_path for leaf in flat]
     keys = _unambiguous([path_str(p) for p in parents], parents, "modules")
   elif isinstance(layers, Mapping):
     keys = [_first_match(layers, path) for path in paths]
   else:
     assert callable(layers)  # validate_layers allows only None, "leaf", "module", maps, callables
     keys = []
-    for path, (_, leaf) in zip(paths, flat):
-      key = layers(path, leaf)
+    for leaf in flat:
+      key = layers(leaf.path, leaf.leaf)
       if not isinstance(key, str):
-        raise TypeError(f"layers callable must return a str layer name; got {key!r} for {path!r}.")
+        raise TypeError(
+          f"layers callable must return a str layer name; got {key!r} for {leaf.path!r} (to "
+          "split a stacked leaf into its layers, pass stacked_axes=)."
+        )
       keys.append(key)
-  names: dict[str, int] = {}
+  stacked = stacked if stacked is not None else [()] * len(flat)
+  if shapes is None:
+    shapes = [tuple(int(np.shape(x.leaf)[a]) for a in axes) for x, axes in zip(flat, stacked)]
+  index: dict[str, int] = {}
   for key in keys:
-    names.setdefault(key, len(names))
-  return Grouping(tuple(names), tuple(names[k] for k in keys))
+    index.setdefault(key, len(index))
+  layer_stack: list[tuple[int, ...] | None] = [None] * len(index)
+  first_leaf: list[str] = [""] * len(index)
+  for path, key, shape in zip(paths, keys, shapes):
+    i = index[key]
+    if layer_stack[i] is None:
+      layer_stack[i], first_leaf[i] = shape, path
+    elif layer_stack[i] != shape:
+      raise ValueError(
+        f"layer {key!r} holds leaves stacked differently: {first_leaf[i]!r} has the stack shape "
+        f"{layer_stack[i]} and {path!r} {shape}; a layer's leaves must be stacked alike (group "
+        "the leaves otherwise, or give them their own stacked_axes)."
+      )
+  names: list[str] = []
+  layer_first = []
+  for key, stack in zip(index, layer_stack):
+    layer_first.append(len(names))
+    names.extend(stacking.slice_names(key, stack or ()))
+  if len(set(names)) != len(names):
+    twice = sorted({n for n in names if names.count(n) > 1})
+    raise ValueError(
+      f"the groups {twice[:5]} are each named twice (a slice of a stacked layer is named "
+      "'layer/i', which another layer is also called); rename a key or group the leaves with a "
+      "mapping or a callable (layers=...)."
+    )
+  return Grouping(
+    tuple(names),
+    tuple(index[k] for k in keys),
+    tuple(layer_first),
+    tuple(shape or () for shape in layer_stack),
+    tuple(stacked),
+  )
 
 
 def _unambiguous(keys: list[str], paths: list[tuple], what: str) -> list[str]:

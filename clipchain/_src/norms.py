@@ -50,12 +50,13 @@ def sum_of_squares(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array
 
 
 def total(values: list[jax.Array]) -> jax.Array:
-  """Sums scalars in one reduction (a balanced tree rather than a chain of adds)."""
+  """Sums equally shaped arrays (scalars, or the per-slice sums of stacked leaves) in one
+  reduction (a balanced tree rather than a chain of adds)."""
   if not values:
     return jnp.zeros((), jnp.float32)
   if len(values) == 1:
     return values[0]
-  return jnp.sum(jnp.stack(values))
+  return jnp.sum(jnp.stack(values), axis=0)
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:

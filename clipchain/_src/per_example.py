@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from clipchain._src import norms
-from clipchain._src.validation import check_non_negative
+from clipchain._src.validation import check_bool, check_non_negative
 
 
 def _check_batched(grads, fn: str) -> None:
@@ -106,6 +106,7 @@ def per_example_layer_norm_clip(
   """
   _check_batched(grads, "per_example_layer_norm_clip")
   check_non_negative("global_l2_norm_clip", global_l2_norm_clip, allow_inf=True)
+  check_bool("uniform", uniform)
   leaves, treedef = jax.tree.flatten(grads)
   total_size = sum(g[0].size for g in leaves)
   summed, clipped = [], []

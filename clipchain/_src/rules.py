@@ -1,4 +1,4 @@
-"""What is done with a group whose norm was measured: cap it at the threshold, or set it to it.
+"""What is done with a measured group: cap it, rescale it, or set its norm to the threshold.
 
 The third independent choice of :func:`clipchain.clip_norm`, beside the granularity (where a norm
 is measured) and the threshold policy (how the threshold is set). A rule turns a group's norm and
@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
 from clipchain._src import norms
-from clipchain._src.validation import check_non_negative, is_concrete
+from clipchain._src.validation import check_non_negative
 
 
 class Rule(abc.ABC):
-  """Turns a group's norm and threshold into the factor that group is scaled by."""
+  """Turns a group's norm and threshold into the factor that group is scaled by.
+
+  A rule declares what it needs and does as class attributes, which the granularities read:
+
+  Attributes:
+    needs_largest: ``factor`` reads ``largest``, the largest norm among the groups measured
+      together (a leaf's for the unit and element granularities, the whole tree's for the layer
+      and global granularities); the granularity computes it, across devices, only then.
+    changes_every_group: the rule changes every non-zero group, not only those above the
+      threshold (normalising); a granularity whose groups are single values refuses it.
+  """
+
+  needs_largest: ClassVar[bool] = False
+  changes_every_group: ClassVar[bool] = False
 
   @abc.abstractmethod
-  def factor(self, norm: jax.Array, threshold: jax.Array) -> jax.Array:
+  def factor(self, norm: jax.Array, threshold: jax.Array, largest: jax.Array | None = None):
     """The scale of each group: finite at a zero norm and a zero threshold, NaN for a NaN norm."""
 
   @abc.abstractmethod
@@ -33,10 +46,38 @@ class Rule(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class Clip(Rule):
-  """Caps each group's norm at the threshold: the scale ``min(1, c / ‖g‖)``."""
+  """Caps each group's norm at the threshold: the scale ``min(1, c / ‖g‖)``.
 
-  def factor(self, norm, threshold):
+  At the element granularity this clamps each value to ``[-c, c]`` (exactly, as ``optax.clip``).
+  """
+
+  def factor(self, norm, threshold, largest=None):
     return norms.clip_scale(norm, threshold)
+
+  def changes(self, norm, threshold):
+    return norms.exceeds(norm, threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rescale(Rule):
+  """Scales the groups above the threshold by ``c / (the largest norm measured with them)``.
+
+  The groups over the threshold keep their order and the largest lands on ``c``: at the element
+  granularity, a value above the threshold is multiplied by ``c / max|g|`` of its leaf
+  (Stable-SPAM's AdaClip); at the layer granularity, a layer above it by ``c / ‖largest layer‖``.
+  Groups at or below the threshold are left alone.
+  """
+
+  needs_largest: ClassVar[bool] = True
+
+  def factor(self, norm, threshold, largest=None):
+    if largest is None:
+      raise ValueError("Rescale.factor needs the largest norm (largest=...).")
+    over = norms.exceeds(norm, threshold)
+    # Nothing is over the threshold when the largest norm is 0; the stand-in keeps jax.grad finite
+    # there. A NaN norm makes the largest NaN, and the factor NaN where it is over (a NaN is).
+    denominator = jnp.where(largest > 0, largest, jnp.where(jnp.isnan(largest), largest, 1.0))
+    return jnp.where(over, threshold / denominator, 1.0)
 
   def changes(self, norm, threshold):
     return norms.exceeds(norm, threshold)
@@ -55,12 +96,14 @@ class Normalize(Rule):
     stabilizer: added to the norm before dividing, a finite number >= 0.
   """
 
+  changes_every_group: ClassVar[bool] = True
+
   stabilizer: float = 0.0
 
   def __post_init__(self):
     check_non_negative("stabilizer", self.stabilizer)
 
-  def factor(self, norm, threshold):
+  def factor(self, norm, threshold, largest=None):
     denominator = norm + jnp.asarray(self.stabilizer, jnp.float32)
     # 0 for a zero group (and a zero denominator): scaling zero by anything leaves it zero, and
     # the gradient through the factor stays finite. A NaN norm gives a NaN factor.
@@ -75,27 +118,22 @@ class Normalize(Rule):
 #: The default rule.
 CLIP = Clip()
 
-RuleLike = Literal["clip", "normalize"] | Rule
+RuleLike = Literal["clip", "rescale", "normalize"] | Rule
 
-RULES = ("clip", "normalize")
+RULES: dict[str, type[Rule]] = {"clip": Clip, "rescale": Rescale, "normalize": Normalize}
 
 
-def as_rule(rule: RuleLike, stabilizer=0.0) -> Rule:
-  """``"clip"`` or ``"normalize"`` (with ``stabilizer``), or a :class:`Rule`."""
+def as_rule(rule: RuleLike) -> Rule:
+  """``"clip"``, ``"rescale"`` or ``"normalize"`` (with its defaults), or a :class:`Rule`."""
   if isinstance(rule, Rule):
     return rule
   if isinstance(rule, str):
-    if rule == "clip":
-      check_non_negative("stabilizer", stabilizer)
-      if is_concrete(stabilizer) and float(stabilizer) != 0.0:
-        raise ValueError(
-          f"stabilizer applies to rule='normalize' only; got stabilizer={stabilizer!r} with "
-          "rule='clip'."
-        )
-      return CLIP
-    if rule == "normalize":
-      return Normalize(stabilizer)
-    raise ValueError(f"rule must be one of {list(RULES)} or a clipchain.rules.Rule; got {rule!r}.")
+    if rule in RULES:
+      return RULES[rule]()
+    raise ValueError(
+      f"rule must be one of {list(RULES)} or a clipchain.rules.Rule; got {rule!r} (a stabilizer "
+      "goes with the rule: rule=clipchain.rules.Normalize(stabilizer=0.01))."
+    )
   raise TypeError(
     f"rule must be a str ({list(RULES)}) or a clipchain.rules.Rule; got {rule!r} of type "
     f"{type(rule).__name__}."

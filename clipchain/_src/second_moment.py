@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from clipchain._src import distributed, norms
-from clipchain._src import stats as stats_lib
-from clipchain._src.clip_norm import TreeSignature, check_same_tree
-from clipchain._src.granularity import Layer
+from clipchain._src import distributed, norms, stacking
+from clipchain._src import state as state_lib
+from clipchain._src.granularity import Granularity, Layer
 from clipchain._src.guards.skipping import check_inner
-from clipchain._src.validation import check_choice, check_name, check_number
+from clipchain._src.rules import CLIP
+from clipchain._src.state import Static
+from clipchain._src.tree import TreeSignature, check_same_tree
+from clipchain._src.validation import check_callable, check_choice, check_name, check_number
 
 
-@stats_lib.register_state("name", "layer_names", "signature")
+@state_lib.state()
 class ClipBySecondMomentState(NamedTuple):
   """State of :func:`clip_by_second_moment`.
 
@@ -27,14 +30,16 @@ class ClipBySecondMomentState(NamedTuple):
     name: the name under which :func:`clipchain.stats` reports (static).
     layer_names: the groups, in the order of ``rms`` (static).
     signature: the paths and shapes of the tree given to ``init`` (static).
+    granularity: the granularity as it applies to the tree given to ``init`` (static).
   """
 
   inner_state: Any
   rms: jax.Array
   scale: jax.Array
-  name: str = "clip_by_second_moment"
-  layer_names: tuple[str, ...] = ()
-  signature: TreeSignature | None = None
+  name: Static[str] = "clip_by_second_moment"
+  layer_names: Static[tuple[str, ...]] = ()
+  signature: Static[TreeSignature | None] = None
+  granularity: Static[Granularity | None] = None
 
   def report(self) -> dict[str, jax.Array]:
     count = max(len(self.layer_names), 1)
@@ -50,13 +55,27 @@ class ClipBySecondMomentState(NamedTuple):
     return out
 
 
-def _moment_state(state):
-  """The first node of ``state`` holding ``nu`` and ``count`` (``optax.ScaleByAdamState``)."""
-  has_moment = lambda node: hasattr(node, "nu") and hasattr(node, "count")
-  for node in jax.tree.leaves(state, is_leaf=has_moment):
-    if has_moment(node):
-      return node
+MomentOf = Callable[[Any], "tuple[Any, jax.Array] | None"]
+
+# The optimizer states known to hold Adam's second moment ``nu`` (shaped like the params) and the
+# step count it is bias-corrected with: optax.scale_by_adam's, which optax.adam, adamw, nadam,
+# nadamw, lamb and radam keep.
+SECOND_MOMENT_STATES: dict[type, MomentOf] = {
+  optax.ScaleByAdamState: lambda node: (node.nu, node.count),
+}
+
+
+def adam_second_moment(inner_state) -> tuple[Any, jax.Array] | None:
+  """``(nu, count)`` of the first ``optax.ScaleByAdamState`` in ``inner_state``, or ``None``."""
+  known = tuple(SECOND_MOMENT_STATES)
+  for node in jax.tree.leaves(inner_state, is_leaf=lambda n: isinstance(n, known)):
+    if isinstance(node, known):
+      return SECOND_MOMENT_STATES[type(node)](node)
   return None
+
+
+def _one_group(path: str, leaf) -> str:
+  return "all"
 
 
 def clip_by_second_moment(
@@ -64,7 +83,9 @@ def clip_by_second_moment(
   *,
   b2: float,
   eps: float = 1e-6,
+  second_moment: MomentOf = adam_second_moment,
   granularity: Literal["layer", "global"] | Layer = "layer",
+  stacked_axes: stacking.StackedSpec = 0,
   name: str = "clip_by_second_moment",
   axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -79,17 +100,23 @@ def clip_by_second_moment(
   and the inner optimizer's update of that tensor is multiplied by ``1 / max(1, RMS)``. When a
   gradient is far above what ``v`` has seen (a loss spike after a quiet stretch, where Adam's step
   would be much larger than ``lr``), the step is brought back to the size Adam takes at ``RMS=1``.
-  The moment is read from the inner state (no second copy): ``inner`` must hold ``nu`` and
-  ``count`` as ``optax.scale_by_adam`` does (``optax.adam``, ``adamw``, ``nadam``, ``lamb``...),
-  with ``b2`` its ``b2``. Place it as the outermost optimizer transform, inside a guard if any
+  The moment is read from the inner state (no second copy) by ``second_moment``: by default from
+  the ``optax.ScaleByAdamState`` that ``optax.adam``, ``adamw``, ``nadam``, ``lamb``... keep, with
+  ``b2`` its ``b2``; an optimizer whose state it cannot find is refused at ``init``. Place it
+  as the outermost optimizer transform, inside a guard if any
   (``skip_nonfinite(clip_by_second_moment(optax.adamw(...), b2=0.999))``).
 
   Args:
     inner: the Adam-family optimizer whose update is clipped, e.g. ``optax.adamw(1e-3)``.
     b2: the inner optimizer's ``b2`` (for the bias correction of ``nu``), in [0, 1).
     eps: the floor of ``sqrt(v̂)``, a finite number > 0 (``max(v̂, eps²)``).
+    second_moment: a function ``inner_state -> (nu, count)`` that returns the optimizer's second
+      moment (a tree shaped like the params) and the step count it is bias-corrected with, or
+      ``None`` when the state holds none; the default reads optax's ``ScaleByAdamState``.
     granularity: ``"layer"`` (each tensor, as the paper), ``"global"`` (one RMS over the whole
       tree), or a :class:`clipchain.granularity.Layer` with ``norm="rms"`` grouping leaves.
+    stacked_axes: with ``granularity="layer"``, which leading axes of a leaf index stacked layers
+      (see :class:`clipchain.granularity.Layer`): each layer of a scanned stack gets its own RMS.
     name: the name under which :func:`clipchain.stats` reports ``rms`` (mean over groups),
       ``rms_max``, ``clipped_fraction`` (groups scaled down by more than one part in a million),
       ``scale_min`` and ``rms/<layer>``.
@@ -101,8 +128,8 @@ def clip_by_second_moment(
     :class:`ClipBySecondMomentState`.
 
   Raises:
-    ValueError: at construction for a bad ``b2``, ``eps`` or granularity; at ``init`` when the
-      inner state has no ``nu`` and ``count``.
+    ValueError: at construction for a bad ``b2``, ``eps`` or granularity; at ``init`` when
+      ``second_moment`` finds no second moment in the inner state.
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipchain
@@ -126,10 +153,23 @@ def clip_by_second_moment(
   check_number("b2", b2, low=0.0, high=1.0, high_open=True)
   check_number("eps", eps, low=0.0, low_open=True)
   check_name(name)
+  check_callable("second_moment", second_moment, "inner_state -> (nu, count) or None")
+  stacked_axes = stacking.validate_stacked(stacked_axes)
   if isinstance(granularity, str):
     check_choice("granularity", granularity, ("layer", "global"))
-    where = Layer(norm="rms") if granularity == "layer" else Layer(lambda p, x: "all", norm="rms")
+    if granularity == "global" and not stacking.is_default(stacked_axes):
+      raise ValueError(
+        f"stacked_axes applies to granularity='layer'; got stacked_axes={stacked_axes!r} with "
+        "granularity='global'."
+      )
+    layers = None if granularity == "layer" else _one_group
+    where = Layer(layers, norm="rms", stacked_axes=stacked_axes)
   elif isinstance(granularity, Layer) and granularity.norm == "rms":
+    if not stacking.is_default(stacked_axes):
+      raise ValueError(
+        f"stacked_axes={stacked_axes!r} was given beside the granularity object {granularity!r}; "
+        "give it to the granularity itself."
+      )
     where = granularity
   else:
     raise ValueError(
@@ -141,15 +181,16 @@ def clip_by_second_moment(
 
   def init_fn(params):
     inner_state = inner.init(params)
-    moment = _moment_state(inner_state)
+    moment = second_moment(inner_state)
     if moment is None:
       raise ValueError(
-        f"{name} needs an Adam-family inner optimizer whose state holds 'nu' and 'count' as "
-        f"optax.scale_by_adam's does (optax.adam, adamw, nadam, ...); the inner state "
-        f"{type(inner_state).__name__} has none."
+        f"{name} needs an Adam-family inner optimizer whose second moment second_moment= can "
+        "read (by default the optax.ScaleByAdamState of optax.adam, adamw, nadam, ...); it found "
+        f"none in the inner state {type(inner_state).__name__}."
       )
-    check_same_tree(name, TreeSignature(params), moment.nu, what="the inner state's nu")
-    names = where.groups(params).names
+    check_same_tree(name, TreeSignature(params), moment[0], what="the inner state's nu")
+    bound = where.bind(params)
+    names = bound.groups(params).names
     return ClipBySecondMomentState(
       inner_state=inner_state,
       rms=jnp.zeros((len(names),), jnp.float32),
@@ -157,6 +198,7 @@ def clip_by_second_moment(
       name=name,
       layer_names=names,
       signature=TreeSignature(params),
+      granularity=bound,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -164,9 +206,10 @@ def clip_by_second_moment(
     if state.signature is not None:
       check_same_tree(name, state.signature, updates)
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    moment = _moment_state(inner_state)
+    nu, count = second_moment(inner_state)
+    at = where if state.granularity is None else state.granularity
     b2_ = jnp.asarray(b2, jnp.float32)
-    correction = 1 - b2_ ** moment.count.astype(jnp.float32)
+    correction = 1 - b2_ ** jnp.asarray(count).astype(jnp.float32)
     floor = jnp.asarray(eps, jnp.float32) ** 2
 
     # max(v̂, eps²) = max(nu, eps² c) / c with v̂ = nu / c: the ratio is measured against nu itself
@@ -183,12 +226,12 @@ def clip_by_second_moment(
       return magnitude.astype(jnp.float32) * jax.lax.rsqrt(jnp.maximum(nu, leaf_floor))
 
     leaves, treedef = jax.tree.flatten(updates)
-    nu_leaves = treedef.flatten_up_to(moment.nu)
+    nu_leaves = treedef.flatten_up_to(nu)
     ratios = [
       ratio(norms.unshared(nu_floor, i, g.size), g, nu)
       for i, (g, nu) in enumerate(zip(leaves, nu_leaves))
     ]
-    measured = where.measure(jax.tree.unflatten(treedef, ratios), axis_names)
+    measured = at.measure(jax.tree.unflatten(treedef, ratios), axis_names)
     # mean(g² / max(v̂, eps²)) = c · mean(g² / max(nu, eps² c)).
     root_c = jnp.sqrt(correction)
     measured = measured._replace(
@@ -196,7 +239,7 @@ def clip_by_second_moment(
       squares=measured.squares * correction,
       total_squares=measured.total_squares * correction,
     )
-    scaled, _ = where.clip(new_updates, measured, jnp.ones((), jnp.float32), axis_names)
+    scaled, _ = at.clip(new_updates, measured, jnp.ones((), jnp.float32), CLIP, axis_names)
     rms = measured.norms
     new_state = ClipBySecondMomentState(
       inner_state=inner_state,
@@ -205,6 +248,7 @@ def clip_by_second_moment(
       name=name,
       layer_names=state.layer_names,
       signature=state.signature,
+      granularity=state.granularity,
     )
     return scaled, new_state
 

@@ -1,85 +1,31 @@
-"""Statistics: states that report what a transform measured, and one call that collects them all.
+"""Statistics: one call that collects what every clipchain transform in an optimizer state measured.
 
-A clipchain state is a ``NamedTuple`` (so ``optax.tree.get(state, "norm")`` works) whose trailing
-fields are static metadata (its name, the names of its layers). Registering it as a pytree with
-those fields in the tree definition keeps every leaf an array, so states pass through ``jit``,
-``vmap``, ``lax.scan`` and Orbax like any optax state, while :func:`stats` can still name what it
-finds.
+Each clipchain state (declared with :func:`clipchain._src.state.state`) reports its own statistics
+with ``report()``; :func:`stats` walks any optimizer state, finds them and names them.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from clipchain._src import layers
-
-_REPORTING_TYPES: list[type] = []
-
-
-def register_state(*static_fields: str):
-  """Class decorator: registers a ``NamedTuple`` state whose ``static_fields`` are not leaves.
-
-  The class must define ``report(self) -> dict[str, jax.Array]`` and a ``name`` field.
-  """
-
-  def decorate(cls):
-    fields = cls._fields
-    dynamic = tuple(f for f in fields if f not in static_fields)
-    keys = tuple(jax.tree_util.GetAttrKey(f) for f in dynamic)
-
-    def flatten_with_keys(state):
-      children = tuple((k, getattr(state, f)) for k, f in zip(keys, dynamic))
-      return children, tuple(getattr(state, f) for f in static_fields)
-
-    def flatten(state):
-      static = tuple(getattr(state, f) for f in static_fields)
-      return tuple(getattr(state, f) for f in dynamic), static
-
-    def unflatten(aux, children):
-      return cls(**dict(zip(dynamic, children)), **dict(zip(static_fields, aux)))
-
-    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
-    cls.array_fields = dynamic
-    _REPORTING_TYPES.append(cls)
-    return cls
-
-  return decorate
-
-
-def settings_record(description: str) -> dict[str, jax.Array]:
-  """A state field that records, as the key of one int8 leaf, what gives the state's arrays their
-  meaning (the layers behind a per-layer vector, the quantities in a history).
-
-  A checkpoint holds the key, so restoring it into a transform built with other settings fails
-  in Orbax with both keys named, instead of silently reinterpreting the arrays."""
-  return {description: jnp.zeros((), jnp.int8)}
-
-
-def digest(*parts) -> str:
-  """A short digest of ``repr(parts)``, the same in every process (unlike ``hash``)."""
-  return hashlib.blake2b(repr(parts).encode(), digest_size=6).hexdigest()
+from clipchain._src import state as state_lib
+from clipchain._src import tree as tree_lib
 
 
 def _unwrap(x):
-  return x.get_value() if layers.is_nnx_variable(x) else x
-
-
-def _is_reporting(node) -> bool:
-  return isinstance(node, tuple(_REPORTING_TYPES))
+  return x.get_value() if tree_lib.is_nnx_variable(x) else x
 
 
 def reporting_states(tree):
   """Every clipchain state in ``tree``, outer before inner (a guard before the state it wraps)."""
-  for node in jax.tree.leaves(tree, is_leaf=_is_reporting):
-    if _is_reporting(node):
+  for node in jax.tree.leaves(tree, is_leaf=state_lib.is_state):
+    if state_lib.is_state(node):
       yield node
       for field in node._fields:
         value = getattr(node, field)
-        if jax.tree.leaves(value, is_leaf=_is_reporting):
+        if jax.tree.leaves(value, is_leaf=state_lib.is_state):
           yield from reporting_states(value)
 
 
@@ -117,7 +63,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   out: dict[str, jax.Array] = {}
   for node in found:
     # Flax NNX keeps optimizer-state arrays inside Variables (nnx.Optimizer's OptArray).
-    node = jax.tree.map(_unwrap, node, is_leaf=layers.is_nnx_variable)
+    node = jax.tree.map(_unwrap, node, is_leaf=tree_lib.is_nnx_variable)
     k = seen.get(node.name, 0)
     prefix = node.name if k == 0 else f"{node.name}_{k}"
     while prefix in used:  # another state may be named "x_1" explicitly: never overwrite it

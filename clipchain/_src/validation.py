@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +157,34 @@ def check_schedule(name: str, schedule) -> None:
     raise ValueError(
       f"{name} must be a schedule returning a scalar; {schedule!r} returned shape {out.shape}."
     )
+
+
+class FrozenDict(Mapping):
+  """A read-only mapping that hashes by its items.
+
+  A granularity's configuration is part of a state's static metadata, which ``jit`` hashes, so a
+  mapping given to it is kept as one of these."""
+
+  __slots__ = ("_items", "_lookup")
+
+  def __init__(self, items):
+    self._lookup = dict(items)
+    self._items = tuple(self._lookup.items())
+
+  def __getitem__(self, key):
+    return self._lookup[key]
+
+  def __iter__(self):
+    return iter(self._lookup)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __hash__(self) -> int:
+    return hash(self._items)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Mapping) and dict(self._items) == dict(other.items())
+
+  def __repr__(self) -> str:
+    return repr(self._lookup)

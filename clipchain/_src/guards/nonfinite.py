@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import optax
 
 from clipchain._src import distributed
-from clipchain._src import stats as stats_lib
+from clipchain._src import state as state_lib
 from clipchain._src.guards import skipping
+from clipchain._src.state import Static
 from clipchain._src.validation import check_int, check_name
 
 
-@stats_lib.register_state("name", "max_consecutive", "axis_names")
+@state_lib.state(state_lib.Role.GUARD, state_lib.Role.MEASURES_INPUT)
 class SkipNonFiniteState(NamedTuple):
   """State of :func:`skip_nonfinite`.
 
@@ -38,9 +39,9 @@ class SkipNonFiniteState(NamedTuple):
   total_skipped: jax.Array
   consecutive_skipped: jax.Array
   limit_exceeded: jax.Array
-  name: str = "skip_nonfinite"
-  max_consecutive: int = -1
-  axis_names: tuple[str, ...] = ()
+  name: Static[str] = "skip_nonfinite"
+  max_consecutive: Static[int] = -1
+  axis_names: Static[tuple[str, ...]] = ()
 
   def input_norm(self) -> jax.Array:
     return self.grad_norm
@@ -52,9 +53,6 @@ class SkipNonFiniteState(NamedTuple):
       "consecutive_skipped": self.consecutive_skipped.astype(jnp.float32),
       "limit_exceeded": self.limit_exceeded.astype(jnp.float32),
     }
-
-
-skipping.GUARD_STATES.append(SkipNonFiniteState)
 
 
 def skip_nonfinite(
@@ -71,7 +69,8 @@ def skip_nonfinite(
   step count does not advance, no moment absorbs the NaN; guards nested in ``inner`` still record
   the step in their own statistics). The decision is made inside the compiled step, from the norm
   a clipchain clip at the head of ``inner`` already computed (one reduction over the gradient
-  otherwise); a gradient whose float32 sum of squares overflows is treated as non-finite too.
+  otherwise). A gradient of finite values is never skipped: where its float32 sum of squares
+  overflows (values above about 1e19), the norm is measured again, scaled.
 
   With ``max_consecutive``, a run of more than that many skipped steps sets ``limit_exceeded``,
   reported by :func:`clipchain.stats` and checked by :func:`clipchain.check_guards` (under

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipchain._src import distributed, norms
-from clipchain._src.clip_norm import ClipNormState, keep_dtypes
+from clipchain._src import distributed
+from clipchain._src.state import Role, has_role, keep_dtypes
 
 
 def skip_update(updates):
@@ -30,18 +30,16 @@ def select(keep_new: jax.Array, new, old):
   return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
 
 
-# The states of the guards (each guard module adds its own). A guard state has an ``inner_state``
-# and an ``input_norm()``: the norm of its last input, recorded because on a skipped step its
-# ``inner_state`` is the old one, whose clip statistics describe an earlier step.
-GUARD_STATES: list[type] = []
-
 # Wrappers whose inner transform sees the whole of the wrapper's input. Not ``optax.masked``: a clip
 # under a mask measures only part of the tree.
 TRANSPARENT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
 def is_guard_state(node) -> bool:
-  return isinstance(node, tuple(GUARD_STATES))
+  """A guard's state (declared ``Role.GUARD``): it records the norm of its last input itself,
+  because on a skipped step its ``inner_state`` is the old one, whose clip statistics describe an
+  earlier step."""
+  return has_role(node, Role.GUARD)
 
 
 def select_state(keep_new: jax.Array, new, old):
@@ -78,32 +76,25 @@ def input_norm(inner_state, axis_names: tuple[str, ...] = ()) -> jax.Array | Non
   """The pre-clip norm that a clip at the head of the inner chain measured on this step's input.
 
   Follows the first element of ``optax.chain`` states and the inner state of transparent wrappers
-  (``inject_hyperparams``) down to a :class:`ClipNormState`, or to a nested guard, which recorded
-  the norm it measured or reused; ``None`` when the input does not go through a clipchain clip
-  first (or the nested guard is a ``skip_spikes`` that does not watch the gradient norm), or when
-  that norm was summed across other mesh axes than the guard's ``axis_names`` (reusing it would
-  let devices decide differently), so the caller must measure it itself.
+  (``inject_hyperparams``) down to a state that declares ``Role.MEASURES_INPUT`` (a clip, a
+  monitor, a nested guard, which recorded the norm it measured or reused); ``None`` when the input
+  does not go through one first (or its ``input_norm()`` is ``None``: a ``skip_spikes`` that does
+  not watch the gradient norm), or when that norm was summed across other mesh axes than the
+  guard's ``axis_names`` (reusing it would let devices decide differently), so the caller must
+  measure it itself.
   """
   node = inner_state
   while True:
-    if isinstance(node, ClipNormState) or is_guard_state(node):
+    if has_role(node, Role.MEASURES_INPUT):
       if axis_names and node.axis_names != axis_names:
         return None
-      return node.norm if isinstance(node, ClipNormState) else node.input_norm()
+      return node.input_norm()
     if isinstance(node, TRANSPARENT_STATES):
       node = node.inner_state
-    elif isinstance(node, tuple) and not hasattr(node, "_fields") and node:
+    elif type(node) is tuple and node:  # optax.chain's state: the first transform sees the input
       node = node[0]
     else:
       return None
-
-
-def global_norm(updates, axis_names: tuple[str, ...] = ()) -> jax.Array:
-  """The float32-accumulated global L2 norm (NaN or Inf when any value is), across devices."""
-  leaves = jax.tree.leaves(updates)
-  return jnp.sqrt(
-    distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
-  )
 
 
 def run_inner(
@@ -121,7 +112,7 @@ def run_inner(
   new_updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
   norm = input_norm(new_inner, axis_names)
   if norm is None:
-    norm = global_norm(updates, axis_names)
+    norm = distributed.global_norm(jax.tree.leaves(updates), axis_names)
   return new_updates, new_inner, norm
 
 

@@ -10,20 +10,22 @@ import jax.numpy as jnp
 import optax
 
 from clipchain._src import distributed
-from clipchain._src import stats as stats_lib
+from clipchain._src import state as state_lib
 from clipchain._src.guards import skipping
+from clipchain._src.state import Static
 from clipchain._src.validation import (
+  check_bool,
   check_choice,
   check_int,
   check_name,
-  check_non_negative,
+  check_number,
   is_concrete,
 )
 
 WATCHABLE = ("grad_norm", "loss")
 
 
-@stats_lib.register_state("name", "watch", "axis_names")
+@state_lib.state(state_lib.Role.GUARD, state_lib.Role.MEASURES_INPUT)
 class SkipSpikesState(NamedTuple):
   """State of :func:`skip_spikes`.
 
@@ -54,9 +56,9 @@ class SkipSpikesState(NamedTuple):
   skipped: jax.Array
   total_skipped: jax.Array
   settings: dict[str, jax.Array]
-  name: str = "skip_spikes"
-  watch: tuple[str, ...] = ("grad_norm",)
-  axis_names: tuple[str, ...] = ()
+  name: Static[str] = "skip_spikes"
+  watch: Static[tuple[str, ...]] = ("grad_norm",)
+  axis_names: Static[tuple[str, ...]] = ()
 
   def input_norm(self) -> jax.Array | None:
     if "grad_norm" not in self.watch:
@@ -75,9 +77,6 @@ class SkipSpikesState(NamedTuple):
     return out
 
 
-skipping.GUARD_STATES.append(SkipSpikesState)
-
-
 def skip_spikes(
   inner: optax.GradientTransformation,
   *,
@@ -85,6 +84,7 @@ def skip_spikes(
   window: int = 128,
   min_history: int | None = None,
   watch: Sequence[str] = ("grad_norm",),
+  record_skipped: bool = True,
   name: str = "skip_spikes",
   axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -97,19 +97,27 @@ def skip_spikes(
 
   * a non-finite value never enters the window (one NaN would otherwise make the mean NaN and
     every following step of a window skip, or none);
-  * every finite value enters it, skipped or not, so a lasting change of level is absorbed within a
-    window instead of skipping every step from then on, and a skip never causes later skips (with
-    two watched quantities a step enters when both are finite, so the rows stay aligned);
+  * every finite value enters it, skipped or not, by default (``record_skipped=True``: what
+    OLMo-core's ``SkipStepOptimizer``, whose ``latest_loss`` setter appends every step's value,
+    and Levanter's ``SkipStepConfig``, which writes every step into its rolling buffer, do), so a
+    lasting change of level is absorbed within a window instead of skipping every step from then
+    on (with two watched quantities a step enters when both are finite, so the rows stay
+    aligned). The price: a skipped spike widens the window's standard deviation, and a repeat of
+    it a few steps later can pass. ``record_skipped=False`` keeps skipped values out, so a repeat
+    is judged against the quiet history and skipped too; a lasting change of level is then
+    skipped until something else ends it (a run of skips shows in ``total_skipped``);
   * the gradient norm is the one a clipchain clip at the head of ``inner`` already computed, not a
     second reduction over the gradient.
 
   Args:
     inner: the transform to guard.
-    sigma: how many standard deviations above the mean make a spike.
-    window: how many recent values the mean and standard deviation are taken over.
-    min_history: how many values must be in the window before any step is skipped (default: half
-      the window, at least 2, as OLMo-core); until then only non-finite steps are skipped.
+    sigma: how many standard deviations above the mean make a spike, > 0.
+    window: how many recent values the mean and standard deviation are taken over, >= 2.
+    min_history: how many values must be in the window before any step is skipped, >= 2
+      (default: half the window, at least 2, as OLMo-core); until then only non-finite steps are
+      skipped. With fewer, the standard deviation of one value is 0 and every rise is a spike.
     watch: ``"grad_norm"`` and/or ``"loss"``; the loss comes from ``update(..., loss=loss)``.
+    record_skipped: whether the values of a skipped step enter the window (see above).
     name: the name under which :func:`clipchain.stats` reports.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) over which gradients are
       split or the loss differs, so that every device takes the same decision; give the clip in
@@ -132,10 +140,10 @@ def skip_spikes(
     Groeneveld et al., `OLMo: Accelerating the Science of Language Models
     <https://arxiv.org/abs/2402.00838>`_, 2024 (OLMo-core's ``skip_step_on_spikes``)
   """
-  check_non_negative("sigma", sigma)
-  check_int("window", window, minimum=1)
+  check_number("sigma", sigma, low=0.0, low_open=True)
+  check_int("window", window, minimum=2)
   if min_history is not None:
-    check_int("min_history", min_history, minimum=1)
+    check_int("min_history", min_history, minimum=2)
     if is_concrete((min_history, window)) and min_history > window:
       raise ValueError(f"min_history must be at most window={window}; got {min_history!r}.")
   if isinstance(watch, str) or not isinstance(watch, Sequence):
@@ -146,6 +154,8 @@ def skip_spikes(
     )
   for quantity in watch:
     check_choice("watch", quantity, WATCHABLE)
+  if is_concrete(record_skipped):
+    check_bool("record_skipped", record_skipped)
   watch = tuple(watch)
   check_name(name)
   inner = skipping.check_inner(inner)
@@ -163,7 +173,7 @@ def skip_spikes(
       zscore=jnp.zeros((k,), jnp.float32),
       skipped=jnp.zeros((), jnp.bool_),
       total_skipped=jnp.zeros((), jnp.int32),
-      settings=stats_lib.settings_record("watch_" + "_and_".join(watch)),
+      settings=state_lib.settings_record("watch_" + "_and_".join(watch)),
       name=name,
       watch=watch,
       axis_names=axis_names,
@@ -199,13 +209,15 @@ def skip_spikes(
     ok = finite & ~spike
     skipping.check_same_decision(ok, name)
 
-    # Every finite value enters the window, skipped or not; a non-finite one never does.
+    # A finite value enters the window (a skipped one only with record_skipped); a non-finite one
+    # never does.
+    enters = finite & (ok | jnp.asarray(record_skipped, jnp.bool_))
     written = state.history.at[:, state.position].set(x)
     new_state = SkipSpikesState(
       inner_state=skipping.select_state(ok, new_inner, state.inner_state),
-      history=jnp.where(finite, written, state.history),
-      position=jnp.where(finite, (state.position + 1) % size, state.position),
-      filled=jnp.where(finite, jnp.minimum(state.filled + 1, size), state.filled),
+      history=jnp.where(enters, written, state.history),
+      position=jnp.where(enters, (state.position + 1) % size, state.position),
+      filled=jnp.where(enters, jnp.minimum(state.filled + 1, size), state.filled),
       last=x,
       zscore=zscore,
       skipped=~ok,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import optax
 
-from clipchain._src import layers as layers_lib
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import GranularityLike, Layer
+from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.ema_ratio import EMARatio
 
 
@@ -18,8 +18,8 @@ def adagc(
   warmup_max_norm: float | None = 1.0,
   eps: float = 1e-6,
   *,
-  layers: layers_lib.LayersSpec = None,
-  granularity: GranularityLike | None = None,
+  granularity: GranularityLike = "layer",
+  stacked_axes: StackedSpec = 0,
   name: str = "adagc",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -42,14 +42,14 @@ def adagc(
     warmup_steps: the number of updates of the warmup, >= 0.
     warmup_max_norm: ``λ_abs``, the global-norm clip of the warmup, or ``None`` for none.
     eps: added to the norm in the scale of a clipped layer, >= 0.
-    layers: how leaves form layers: ``None`` (each leaf, as AdaGC's per-tensor clipping),
-      ``"module"``, a ``{name: regex}`` mapping or a callable (see
-      :class:`clipchain.granularity.Layer`).
-    granularity: instead of ``layers``, another granularity: ``"global"`` for a global AdaGC,
-      ``"unit"`` for one per output unit; ``None`` (the default) is ``Layer(layers)``.
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    granularity: ``"layer"`` (each leaf, as AdaGC's per-tensor clipping), a
+      :class:`clipchain.granularity.Layer` grouping leaves otherwise (``Layer("module")``, by
+      regex, by callable), ``"global"`` for a global AdaGC, ``"unit"`` for one per output unit.
+    stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
+      (scanned) layers, each then with its own ``γ``: an int (every leaf), a ``{path regex: int}``
+      mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``; :func:`clipchain.stats` reports, per layer, the norm, the
@@ -80,11 +80,6 @@ def adagc(
     warmup_max_norm=warmup_max_norm,
     eps=eps,
   )
-  if granularity is None:
-    granularity = Layer(layers)
-  elif layers is not None:
-    raise ValueError(
-      f"adagc: give layers= (the layer granularity) or granularity=, not both; got "
-      f"layers={layers!r}, granularity={granularity!r}."
-    )
-  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)
+  return clip_norm(
+    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+  )

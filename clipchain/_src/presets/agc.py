@@ -10,6 +10,7 @@ import optax
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Unit
+from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.relative import RelativeToParams
 
 
@@ -19,7 +20,7 @@ def adaptive_grad_clip(
   axis: int | Sequence[int] | None = None,
   *,
   layout: Literal["flax", "torch"] = "flax",
-  stacked_axes: int | None = None,
+  stacked_axes: StackedSpec = 0,
   name: str = "adaptive_grad_clip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -43,12 +44,14 @@ def adaptive_grad_clip(
       unit, rank 2 and 3 reduce axis 0, rank 4 (HWIO) axes 0-2, rank 5 axes 0-3, as optax;
       ``"torch"`` for ``(out, in, ...)`` weights (PyTorch ports, Equinox): every axis but the
       first is reduced.
-    stacked_axes: the number of leading axes that index stacked layers (``nn.scan``,
-      ``vmap``-ed layers); they are kept out of the reduction, so each layer is clipped on its
-      own. ``None`` is 0.
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    stacked_axes: which leading axes of a leaf index stacked layers (``nn.scan``, ``vmap``-ed
+      layers); they are kept out of the reduction, so each layer is clipped on its own: an int
+      (every leaf), a ``{path regex: int}`` mapping (first match; the other leaves are not
+      stacked) or a callable ``(path, leaf) -> int``. Boxed parameters whose partition metadata
+      names an axis ``"layers"`` are stacked along it without being told (see
+      :class:`clipchain.granularity.Unit`).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   ``axis`` and ``stacked_axes`` define the units, so they must be Python ints: under
   ``optax.inject_hyperparams`` the defaults (``None``) work as they are; to set either, name it in

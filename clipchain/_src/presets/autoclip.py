@@ -6,7 +6,8 @@ import optax
 
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import GranularityLike
+from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.percentile import Percentile
 
 
@@ -16,6 +17,7 @@ def autoclip(
   window: int = 10_000,
   include_current: bool = True,
   granularity: GranularityLike = "global",
+  stacked_axes: StackedSpec = 0,
   name: str = "autoclip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -44,10 +46,13 @@ def autoclip(
       (the paper) or not (the ``autoclip`` package).
     granularity: ``"global"`` (the paper), ``"layer"``, or a configured
       :class:`clipchain.granularity.Layer`; per-unit or per-value histories are refused.
-    name: the name under which :func:`clipchain.stats` reports; its statistics include
-      ``history_length``, the number of norms in the history.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    stacked_axes: with the layer granularity, which leading axes of a leaf index stacked
+      (scanned) layers, each then with a history of its own: an int (every leaf), a
+      ``{path regex: int}`` mapping or a callable ``(path, leaf) -> int`` (see
+      :class:`clipchain.granularity.Layer`).
+    name: as for :func:`clipchain.clip_norm`; the statistics include ``history_length``, the
+      number of norms in the history.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipchain.ClipNormState`.
@@ -76,4 +81,6 @@ def autoclip(
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
   policy = Percentile(percentile, window=window, include_current=include_current)
-  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)
+  return clip_norm(
+    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+  )

@@ -14,6 +14,7 @@ from clipchain._src import layers as layers_lib
 from clipchain._src.clip_norm import ThresholdLike, as_policy, clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Layer
+from clipchain._src.stacking import StackedSpec
 
 
 def clip(
@@ -25,9 +26,8 @@ def clip(
 
   Args:
     max_delta: the largest absolute value allowed (a number, a schedule or a policy).
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``; ``clipped_fraction`` in its statistics is the fraction
@@ -55,9 +55,8 @@ def clip_by_global_norm(
 
   Args:
     max_norm: the largest global norm (a number, a schedule or a policy).
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -81,7 +80,11 @@ def clip_by_global_norm(
 
 
 def clip_by_block_rms(
-  threshold: ThresholdLike, *, name: str = "clip_by_block_rms", axis_name: AxisName = None
+  threshold: ThresholdLike,
+  *,
+  stacked_axes: StackedSpec = 0,
+  name: str = "clip_by_block_rms",
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Clips each leaf so that its root mean square is at most ``threshold``.
 
@@ -90,9 +93,11 @@ def clip_by_block_rms(
 
   Args:
     threshold: the largest RMS of one leaf (a number, a schedule or a policy).
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    stacked_axes: which leading axes of a leaf index stacked (scanned) layers, each slice then
+      clipped on its own RMS: an int (every leaf), a ``{path regex: int}`` mapping or a callable
+      ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``; the per-layer norms in its statistics are RMS values.
@@ -109,7 +114,10 @@ def clip_by_block_rms(
     <https://arxiv.org/abs/1804.04235>`_, 2018
   """
   return clip_norm(
-    as_policy(threshold), granularity=Layer(norm="rms"), name=name, axis_name=axis_name
+    as_policy(threshold),
+    granularity=Layer(norm="rms", stacked_axes=stacked_axes),
+    name=name,
+    axis_name=axis_name,
   )
 
 
@@ -117,6 +125,7 @@ def clip_by_layer_norm(
   max_norm: ThresholdLike,
   *,
   layers: layers_lib.LayersSpec = None,
+  stacked_axes: StackedSpec = 0,
   name: str = "clip_by_layer_norm",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -127,13 +136,21 @@ def clip_by_layer_norm(
   ``(path, leaf) -> name`` groups them any way. ``max_norm`` may then be a mapping from layer name
   to threshold, for a different threshold per layer.
 
+  A model whose blocks are stacked (``nn.scan``: every block's kernel in one leaf with a leading
+  layer axis) is clipped per block with ``stacked_axes``: each slice along the stacked axes is a
+  layer of its own, ``params/layers/wi/kernel/3`` (with ``layers="module"``, slice ``i`` of every
+  leaf of the module forms ``params/layers/mlp/3``). Boxed parameters whose Flax partition
+  metadata names an axis ``"layers"`` are split along it without being told.
+
   Args:
     max_norm: the largest norm of a layer: a number, a ``{layer name: number}`` mapping, a
       schedule or a policy.
     layers: how leaves form layers (see above).
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    stacked_axes: which leading axes of a leaf index stacked layers: an int (every leaf), a
+      ``{path regex: int}`` mapping (first match; leaves that match none are not stacked) or a
+      callable ``(path, leaf) -> int``.
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``; :func:`clipchain.stats` reports ``"{name}/norm/{layer}"``
@@ -150,5 +167,8 @@ def clip_by_layer_norm(
     (Array([0.6, 0.8], dtype=float32), Array([3., 4.], dtype=float32))
   """
   return clip_norm(
-    as_policy(max_norm, "max_norm"), granularity=Layer(layers), name=name, axis_name=axis_name
+    as_policy(max_norm, "max_norm"),
+    granularity=Layer(layers, stacked_axes=stacked_axes),
+    name=name,
+    axis_name=axis_name,
   )

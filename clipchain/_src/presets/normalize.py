@@ -6,14 +6,17 @@ import optax
 
 from clipchain._src.clip_norm import ThresholdLike, as_policy, clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import GranularityLike
+from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.rules import Normalize
+from clipchain._src.stacking import StackedSpec
 
 
 def normalize(
   norm: ThresholdLike = 1.0,
+  stabilizer: float = 0.0,
   *,
   granularity: GranularityLike = "global",
-  stabilizer: float = 0.0,
+  stacked_axes: StackedSpec = 0,
   name: str = "normalize",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -23,16 +26,19 @@ def normalize(
   direction is kept and its length set. With a small ``stabilizer`` (0.01 in the paper) it is
   automatic clipping: a group much larger than the stabilizer comes out with norm ``norm``, a
   group much smaller is scaled by about ``norm / stabilizer``, never blown up from noise. A zero
-  group stays zero. The preset of :func:`clipchain.clip_norm` with ``rule="normalize"``; the
+  group stays zero. The preset of :func:`clipchain.clip_norm` with the normalize rule
+  (:class:`clipchain.rules.Normalize`); the
   element granularity is refused (each value would become ``±norm``).
 
   Args:
     norm: the norm each group is set to (a number, a schedule or a policy).
-    granularity: ``"global"``, ``"layer"``, ``"unit"`` or a :mod:`clipchain.granularity` object.
     stabilizer: added to each group's norm before dividing, a finite number >= 0.
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    granularity: ``"global"``, ``"layer"``, ``"unit"`` or a :mod:`clipchain.granularity` object.
+    stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
+      (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
+      mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipchain.ClipNormState`;
@@ -54,9 +60,8 @@ def normalize(
   """
   return clip_norm(
     as_policy(norm, "norm"),
-    granularity=granularity,
-    rule="normalize",
-    stabilizer=stabilizer,
+    granularity=as_granularity(granularity, stacked_axes),
+    rule=Normalize(stabilizer),
     name=name,
     axis_name=axis_name,
   )

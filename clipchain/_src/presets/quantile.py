@@ -6,7 +6,8 @@ import optax
 
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import GranularityLike
+from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.quantile import QuantileTracker
 
 
@@ -16,6 +17,7 @@ def quantile_clip(
   initial_threshold: float = 0.1,
   *,
   granularity: GranularityLike = "global",
+  stacked_axes: StackedSpec = 0,
   name: str = "quantile_clip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -35,9 +37,11 @@ def quantile_clip(
       ``exp(learning_rate)`` per step, so start it near the expected norm.
     granularity: ``"global"`` (one tracker), ``"layer"`` (one per layer), ``"unit"``, or a
       :mod:`clipchain.granularity` object; not ``"element"``.
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
+      (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
+      mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``; ``threshold`` in its statistics is the ``C`` applied at
@@ -59,4 +63,6 @@ def quantile_clip(
     <https://arxiv.org/abs/1905.03871>`_, 2021
   """
   policy = QuantileTracker(target_quantile, learning_rate, initial_threshold)
-  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)
+  return clip_norm(
+    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+  )

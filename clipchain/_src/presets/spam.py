@@ -6,7 +6,8 @@ import optax
 
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import GranularityLike
+from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.second_moment import SecondMoment
 
 
@@ -16,6 +17,7 @@ def spam_clip(
   warmup_steps: int = 19,
   *,
   granularity: GranularityLike = "element",
+  stacked_axes: StackedSpec = 0,
   name: str = "spam_clip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -37,9 +39,11 @@ def spam_clip(
       reference's ``grad_accu_steps=20`` (clipping from the 20th update on).
     granularity: ``"element"`` (SPAM); at ``"global"``, ``"layer"`` or ``"unit"`` the same rule
       compares each group's squared norm with ``threshold`` times its EMA.
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
+      (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
+      mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``; in its statistics ``clipped_fraction`` is the fraction of
@@ -64,4 +68,6 @@ def spam_clip(
     <https://arxiv.org/abs/2501.06842>`_, 2025
   """
   policy = SecondMoment(threshold=threshold, beta2=beta2, warmup_steps=warmup_steps)
-  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)
+  return clip_norm(
+    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+  )

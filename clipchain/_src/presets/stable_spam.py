@@ -25,7 +25,7 @@ def stable_spam_clip(
   1. **AdaClip** (``{name}_adaclip``): the threshold of a tensor is the bias-corrected EMA
      (``theta``) of its largest ``|g|``, this step's included; values above it are multiplied by
      threshold / max ``|g|``. It is :func:`clipchain.clip_norm` with
-     :class:`~clipchain.thresholds.MaxEMA` at ``Element(over="rescale")``.
+     :class:`~clipchain.thresholds.MaxEMA` at the element granularity with ``rule="rescale"``.
   2. **AdaGN** (``{name}_adagn``): each tensor is scaled to the norm ``m̂ / (sqrt(v̂) + eps)``,
      ``m`` and ``v`` the EMAs (``gamma1``, ``gamma2``, bias-corrected) of its norm and squared
      norm after AdaClip. It is :func:`clipchain.clip_norm` with
@@ -44,8 +44,7 @@ def stable_spam_clip(
     theta: AdaClip's decay of the EMA of each tensor's largest magnitude, in ``[0, 1)``.
     eps: added to ``sqrt(v̂)`` in AdaGN, a finite number >= 0.
     name: the prefix of the two clips' names in :func:`clipchain.stats`.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) over which tensors are
-      split.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation`` (``optax.chain`` of the two clips).
@@ -68,7 +67,8 @@ def stable_spam_clip(
   return optax.chain(
     clip_norm(
       MaxEMA(theta),
-      granularity=Element(over="rescale"),
+      granularity=Element(),
+      rule="rescale",
       name=f"{name}_adaclip",
       axis_name=axis_name,
     ),

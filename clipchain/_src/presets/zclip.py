@@ -8,7 +8,8 @@ import optax
 
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import GranularityLike
+from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.zscore import ZScore
 
 
@@ -24,6 +25,7 @@ def zclip(
   skip_update_on_spike: bool = False,
   *,
   granularity: GranularityLike = "global",
+  stacked_axes: StackedSpec = 0,
   name: str = "zclip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -51,9 +53,11 @@ def zclip(
     granularity: ``"global"`` (ZClip); ``"layer"`` (or a :class:`clipchain.granularity.Layer`):
       one ZClip per layer, each with its own statistics; ``"unit"``: one per output unit.
       ``"element"`` is refused.
-    name: the name under which :func:`clipchain.stats` reports.
-    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to measure norms across
-      (see :func:`clipchain.clip_norm` and ``docs/distributed.md``).
+    stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
+      (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
+      mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    name: as for :func:`clipchain.clip_norm`.
+    axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
     An ``optax.GradientTransformation``; :func:`clipchain.stats` reports, besides the norm and the
@@ -89,4 +93,6 @@ def zclip(
     clip_factor=clip_factor,
     skip_update_on_spike=skip_update_on_spike,
   )
-  return clip_norm(policy, granularity=granularity, name=name, axis_name=axis_name)
+  return clip_norm(
+    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+  )

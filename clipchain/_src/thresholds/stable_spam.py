@@ -1,9 +1,9 @@
 """Stable-SPAM's two thresholds: an EMA of each tensor's largest value, and a ratio of norm moments.
 
 Stable-SPAM's gradient side (Huang et al. 2025) is two clips in a row, each a policy of the core:
-``MaxEMA`` at the element granularity (AdaClip: values above the EMA of the tensor's largest
-magnitude are rescaled) and ``NormMoments`` at the layer granularity with the normalize rule
-(AdaGN: each tensor set to a norm from the moments of its past norms).
+``MaxEMA`` at the element granularity with the rescale rule (AdaClip: values above the EMA of the
+tensor's largest magnitude are rescaled) and ``NormMoments`` at the layer granularity with the
+normalize rule (AdaGN: each tensor set to a norm from the moments of its past norms).
 :func:`clipchain.stable_spam_clip` chains them.
 """
 
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from clipchain._src import distributed
 from clipchain._src.granularity import Granularity, Groups
+from clipchain._src.norms import safe_sqrt
 from clipchain._src.thresholds.base import (
   Context,
   ThresholdPolicy,
@@ -64,9 +65,8 @@ class MaxEMA(ThresholdPolicy):
 
   Examples:
     >>> import jax.numpy as jnp, clipchain
-    >>> from clipchain.granularity import Element
-    >>> tx = clipchain.clip_norm(clipchain.thresholds.MaxEMA(0.5),
-    ...                          granularity=Element(over="rescale"), name="adaclip")
+    >>> tx = clipchain.clip_norm(clipchain.thresholds.MaxEMA(0.5), granularity="element",
+    ...                          rule="rescale", name="adaclip")
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> for g in ([1.0, 0.5, 0.0], [4.0, 2.0, 1.0]):  # thresholds 1, then (0.25 + 2) / 0.75
     ...   updates, state = tx.update({"w": jnp.array(g)}, state)
@@ -122,12 +122,13 @@ class NormMomentsState(NamedTuple):
 
   Attributes:
     mean: the EMA of each group's norm (``gamma1``), float32, not bias-corrected.
-    square: the EMA of each group's squared norm (``gamma2``).
+    root_mean_square: the square root of the EMA of each group's squared norm (``gamma2``),
+      kept as a root so that it cannot overflow float32 where the norm is above about 1e19.
     steps: how many norms entered the EMAs of each group (int32).
   """
 
   mean: Any
-  square: Any
+  root_mean_square: Any
   steps: Any
 
 
@@ -186,20 +187,24 @@ class NormMoments(ThresholdPolicy):
     g1 = jnp.asarray(self.gamma1, jnp.float32)
     g2 = jnp.asarray(self.gamma2, jnp.float32)
 
-    def step(norm, mean, square, steps):
+    def step(norm, mean, root, steps):
       norm = jnp.asarray(norm, jnp.float32)
-      new = (g1 * mean + (1 - g1) * norm, g2 * square + (1 - g2) * norm * norm, steps + 1)
-      mean, square, steps = where_observed(norm, new, (mean, square, steps))
+      # sqrt(g2 r² + (1 - g2) n²), relative to max(r, n): the squares themselves may overflow.
+      big = jnp.maximum(root, norm)
+      unit = jnp.where(big > 0, big, 1.0)
+      new_root = big * safe_sqrt(g2 * jnp.square(root / unit) + (1 - g2) * jnp.square(norm / unit))
+      new = (g1 * mean + (1 - g1) * norm, new_root, steps + 1)
+      mean, root, steps = where_observed(norm, new, (mean, root, steps))
       t = steps.astype(jnp.float32)
       m_hat = mean / jnp.maximum(1 - g1**t, 1e-30)
-      v_hat = square / jnp.maximum(1 - g2**t, 1e-30)
-      threshold = jnp.where(steps > 0, m_hat / (jnp.sqrt(v_hat) + self.eps), 0.0)
-      return threshold.astype(jnp.float32), mean, square, steps
+      root_v_hat = root / jnp.sqrt(jnp.maximum(1 - g2**t, 1e-30))
+      threshold = jnp.where(steps > 0, m_hat / (root_v_hat + self.eps), 0.0)
+      return threshold.astype(jnp.float32), mean, root, steps
 
-    threshold, mean, square, steps = map_groups(
-      step, 4, norms, state.mean, state.square, state.steps
+    threshold, mean, root, steps = map_groups(
+      step, 4, norms, state.mean, state.root_mean_square, state.steps
     )
-    return threshold, NormMomentsState(mean, square, steps)
+    return threshold, NormMomentsState(mean, root, steps)
 
   def statistics(self, state: NormMomentsState) -> dict[str, Any]:
     return {"norm_ema": state.mean}
