@@ -167,3 +167,49 @@ def test_a_granularity_declares_the_rules_it_refuses():
   clipchain.clip_norm(1.0, granularity=ClipOnly())  # the default rule still works
   with pytest.raises(ValueError, match=r"ClipOnly supports the clip rule only; got Normalize"):
     clipchain.clip_norm(1.0, granularity=ClipOnly(), rule="normalize")
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-20, 1e20, 1e37])
+@pytest.mark.parametrize("granularity", ["global", "layer", "unit"])
+def test_values_whose_float32_squares_under_or_overflow_are_measured_right(magnitude, granularity):
+  """The float32 sum of squares of 1e-20 is 0 and of 1e20 inf: the norm is measured again,
+  scaled, and comes out as float64 NumPy says; the normalised update has norm 1 per group."""
+  grads = {
+    "a": np.array([[3.0, -4.0], [1.0, 2.0]]) * magnitude,
+    "b": np.array([1.0, -1.0]) * magnitude,
+  }
+  tx = clipchain.normalize(1.0, granularity=granularity)
+  updates, state = jax.jit(tx.update)(_as_f32(grads), tx.init(_as_f32(grads)))
+  as64 = {k: np.asarray(np.float32(v), np.float64) for k, v in grads.items()}
+  total = np.sqrt(sum(np.sum(x**2) for x in as64.values()))
+  np.testing.assert_allclose(float(state.norm), total, rtol=1e-6)
+  if granularity == "global":
+    groups = [np.concatenate([x.ravel() for x in _leaves(updates)])]
+  elif granularity == "layer":
+    groups = _leaves(updates)
+  else:  # units: the kernel's columns, the bias's values... its one unit
+    groups = [*np.asarray(updates["a"], np.float64).T, np.asarray(updates["b"], np.float64)]
+  for group in groups:
+    np.testing.assert_allclose(np.linalg.norm(group), 1.0, rtol=1e-6)
+
+
+def test_the_rescue_branch_costs_nothing_in_the_common_case():
+  """One scalar test decides; the branch that measures again is not run for ordinary values."""
+  grads = _as_f32(GRADS)
+  tx = clipchain.clip_by_global_norm(1.0)
+  hlo = jax.jit(tx.update).lower(grads, tx.init(grads)).compile().as_text()
+  assert hlo.count("conditional(") == 1
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  want = np.sqrt(sum(np.sum(x**2) for x in _leaves(GRADS)))
+  np.testing.assert_allclose(float(state.norm), want, rtol=1e-6)
+
+
+def test_stable_spam_clip_of_huge_values_is_finite():
+  grads = {"w": jnp.full((4, 3), 1e30, jnp.float32), "b": jnp.full((3,), -1e30, jnp.float32)}
+  tx = clipchain.stable_spam_clip()
+  updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  stats = clipchain.stats(state)
+  np.testing.assert_allclose(
+    float(stats["stable_spam_clip_adaclip/norm"]), np.sqrt(15) * 1e30, rtol=1e-6
+  )

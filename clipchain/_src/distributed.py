@@ -191,52 +191,61 @@ def mean_across(x: jax.Array, axis_names: tuple[str, ...]) -> jax.Array:
   return jax.lax.pmean(x, axes) if axes else x
 
 
-def power_of_two_scale(leaves: list, axis_names: tuple[str, ...] = ()):
-  """``(up, usable)``: ``up`` a power of two that brings the largest magnitude of ``leaves`` (across
-  devices) near 1, so that the float32 squares of ``x * up`` neither overflow nor underflow;
-  ``usable`` is False when that magnitude is 0 or not finite (``up`` is then 1). Scaling by a
-  power of two is exact."""
-  peaks = max_across(
-    [jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in leaves], leaves, axis_names
-  )
-  peak = jnp.max(jnp.stack(peaks)) if peaks else jnp.zeros((), jnp.float32)
-  usable = jnp.isfinite(peak) & (peak > 0)
-  exponent = jnp.where(usable, jnp.floor(jnp.log2(jnp.where(usable, peak, 1.0))), 0.0)
-  return jax.lax.stop_gradient(jnp.exp2(-exponent)), usable
+# The rescue's scales: 2**66 brings values whose squares underflow (below about 1e-19) near 1;
+# 2**-66 brings any finite float32 (below 3.4e38) under 4.6e18, whose squares and their sums stay
+# finite. Powers of two, so the scaling is exact.
+_RESCUE_EXPONENT = 66
+
+
+def rescue_scale(norm: jax.Array) -> jax.Array:
+  """The power of two the values are multiplied by to measure them again, where their float32
+  norm came out infinite (scaled down) or 0 (scaled up). No pass over the values: a fixed scale
+  covers the whole float32 range either way."""
+  exponent = jnp.where(jnp.isinf(norm), -_RESCUE_EXPONENT, _RESCUE_EXPONENT)
+  return jax.lax.stop_gradient(jnp.exp2(exponent.astype(jnp.float32)))
 
 
 def scaled_leaves(leaves: list, up: jax.Array) -> list:
-  """Each leaf times ``up`` (a scalar below 2**127) in its accumulation dtype, each with its own
-  copy of ``up``: a scalar shared by the reductions of equally shaped leaves is written out as a
-  leaf-sized array on XLA's CPU backend (see :func:`clipchain._src.norms.unshared`)."""
+  """Each leaf times ``up`` (a power of two, 2**-66 or 2**66) in its accumulation dtype, each with
+  its own copy of ``up``: a scalar shared by the reductions of equally shaped leaves is written out
+  as a leaf-sized array on XLA's CPU backend (see :func:`clipchain._src.norms.unshared`; below
+  2**16 values, where a kernel per leaf costs more compile time than the copy costs memory, the
+  leaves share it: at most 256 KiB, allocated whether or not the rescue branch is taken)."""
   return [
     x * norms.unshared(up, i, x.size).astype(norms.accumulation_dtype(x.dtype))
     for i, x in enumerate(leaves)
   ]
 
 
-def rescue_needed(total_squares: jax.Array) -> jax.Array | None:
-  """The scalar test that decides whether a float32 sum of squares must be computed again, scaled:
-  it overflowed or came out 0. ``None`` where the test may differ between devices (it cannot then
-  guard collectives)."""
-  suspect = jnp.isinf(total_squares) | (total_squares == 0)
+def rescue_needed(norm: jax.Array) -> jax.Array | None:
+  """The scalar test that decides whether a norm accumulated in float32 must be computed again,
+  scaled: its sum of squares overflowed or came out 0. ``None`` where the test may differ between
+  devices (it cannot then guard collectives). Taken on the norm, not on the sum of squares: a sum
+  read by one consumer alone is fused into it, so the test adds no kernel per leaf."""
+  suspect = jnp.isinf(norm) | (norm == 0)
   return None if varying_axes_of(suspect) else suspect
 
 
 def global_norm(leaves: list, axis_names: tuple[str, ...] = ()) -> jax.Array:
   """The L2 norm of ``leaves`` across devices, accumulated in float32; right also where the float32
   sum of squares of finite values overflows or underflows (then, only then, computed again with
-  the values scaled by :func:`power_of_two_scale`, in a ``lax.cond``). NaN and Inf stay so."""
+  the values scaled by :func:`rescue_scale`, in a ``lax.cond``). NaN and Inf stay so."""
   total = total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
+  return norm_of_squares(leaves, total, axis_names)
+
+
+def norm_of_squares(leaves: list, total: jax.Array, axis_names: tuple[str, ...] = ()) -> jax.Array:
+  """The L2 norm of ``leaves`` from ``total``, their float32 sum of squares across devices:
+  ``sqrt(total)``, or where that sum overflowed or came out 0, the norm measured again scaled."""
   norm = norms.safe_sqrt(total)
-  suspect = rescue_needed(total) if leaves else None
+  suspect = rescue_needed(norm) if leaves else None
   if suspect is None:
     return norm
 
   def rescue(_):
-    up, usable = power_of_two_scale(leaves, axis_names)
+    up = rescue_scale(norm)
     scaled = scaled_leaves(leaves, up)
     again = total_across([norms.sum_of_squares(x) for x in scaled], leaves, axis_names)
-    return jnp.where(usable, norms.safe_sqrt(again) / up.astype(norm.dtype), norm)
+    return norms.safe_sqrt(again) / up.astype(norm.dtype)
 
   return jax.lax.cond(suspect, rescue, lambda _: norm, None)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from clipchain._src import distributed, norms, stacking
 from clipchain._src import layers as layers_lib
 from clipchain._src.rules import Clip, Rule
-from clipchain._src.tree import NamedLeaf, named_leaves
+from clipchain._src.tree import NamedLeaf, named_leaves, unboxed_structure
 from clipchain._src.validation import check_choice, check_int
 
 
@@ -441,10 +441,10 @@ class Slices(Granularity):
       )
       for x, axes in zip(jax.tree.leaves(tree), self._axes(tree))
     ]
-    return Groups(self, (), jax.tree.unflatten(jax.tree.structure(tree), shapes))
+    return Groups(self, (), jax.tree.unflatten(unboxed_structure(tree), shapes))
 
   def measure(self, tree, axis_names=()) -> Measured:
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves, treedef = jax.tree.leaves(tree), unboxed_structure(tree)
     squares = [
       norms.sum_of_squares(x, axis=axes, keepdims=True)
       for x, axes in zip(leaves, self._axes(tree, axis_names))
@@ -479,7 +479,10 @@ class Slices(Granularity):
         )
       ]
     )
-    clipped = jax.tree.map(norms.scale, tree, factors)
+    leaves, tree_def = jax.tree.flatten(tree)
+    clipped = tree_def.unflatten(
+      [norms.scale(x, f) for x, f in zip(leaves, jax.tree.leaves(factors))]
+    )
     over = jax.tree.map(rule.changes, measured.norms, threshold)
     clipped_squares = jax.tree.map(lambda f, n: jnp.square(f * n), factors, measured.norms)
     summary = Summary(
@@ -644,8 +647,10 @@ class Element(Slices):
 
   def measure(self, tree, axis_names=()) -> Measured:
     # |g| per value; no per-value squares (they would be a second gradient-sized array).
-    magnitudes = jax.tree.map(lambda x: jnp.abs(x).astype(norms.accumulation_dtype(x.dtype)), tree)
     leaves = jax.tree.leaves(tree)
+    magnitudes = unboxed_structure(tree).unflatten(
+      [jnp.abs(x).astype(norms.accumulation_dtype(x.dtype)) for x in leaves]
+    )
     total = distributed.total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
     return Measured(magnitudes, None, total)
 
@@ -668,8 +673,14 @@ class Element(Slices):
       [clip_leaf(*args) for args in zip(leaves, magnitudes, jax.tree.leaves(threshold), largest)],
     )
     over = jax.tree.map(rule.changes, measured.norms, threshold)
+    clipped_leaves = jax.tree.leaves(clipped)
+    # Not rescued: a conditional would take the clipped values as operands, written out in full;
+    # they are at most the threshold, so their squares overflow only for thresholds above 1e19.
+    clipped_squares = distributed.total_across(
+      [norms.sum_of_squares(x) for x in clipped_leaves], clipped_leaves, axis_names
+    )
     summary = Summary(
-      clipped_norm=distributed.global_norm(jax.tree.leaves(clipped), axis_names),
+      clipped_norm=norms.safe_sqrt(clipped_squares),
       clipped_fraction=_fraction(self._sum(over, axis_names), self._count(over, axis_names)),
     )
     return clipped, summary
@@ -726,8 +737,8 @@ def measure_robustly(
   squares overflows (finite values above about 1e19) or underflows to 0 (values all below about
   1e-19).
 
-  Only then, decided by one scalar test of the tree's sum of squares, the tree is measured again
-  with its values scaled by a power of two that brings its largest magnitude near 1 (exact), and
+  Only then, decided by one scalar test of the tree's norm, the tree is measured again with its
+  values scaled by a power of two (2**-66 or 2**66: exact, and covering every finite float32), and
   the norms scaled back: a ``lax.cond``, so the common case costs nothing more (under ``vmap`` it
   becomes a select and both are computed). A NaN or an infinity stays what it is. A group that
   underflows beside others that do not is not rescued.
@@ -735,25 +746,32 @@ def measure_robustly(
   measured = granularity.measure(tree, axis_names)
   total_norm = norms.safe_sqrt(measured.total_squares)
   leaves = jax.tree.leaves(tree)
-  suspect = distributed.rescue_needed(measured.total_squares) if leaves else None
+  suspect = distributed.rescue_needed(total_norm) if leaves else None
   if suspect is None:
     return measured, total_norm
 
+  if granularity.one_group_per_value:
+    # A value's magnitude is exact; only the tree's sum of squares (its norm) can overflow. The
+    # magnitudes stay out of the conditional, whose outputs XLA writes out as arrays of their own.
+    return measured, distributed.norm_of_squares(leaves, measured.total_squares, axis_names)
+
   def rescue(_):
-    up, usable = distributed.power_of_two_scale(leaves, axis_names)
+    up = distributed.rescue_scale(total_norm)
     scaled = jax.tree.unflatten(jax.tree.structure(tree), distributed.scaled_leaves(leaves, up))
     again = granularity.measure(scaled, axis_names)
     down = 1 / up
     # Squares scaled back in two steps: down² alone can overflow where the squares do not.
     back = lambda s: s * down.astype(s.dtype) * down.astype(s.dtype)
+    # Each group keeps its first measurement unless that one came out infinite or 0: a group
+    # beside an infinite value (or beside overflowing ones) is right as it was, and measured again
+    # scaled down it would underflow.
+    pick = lambda again, first: jnp.where(jnp.isinf(first) | (first == 0), again, first)
     rescued = Measured(
-      jax.tree.map(lambda n: n * down.astype(n.dtype), again.norms),
-      jax.tree.map(back, again.squares),
-      back(again.total_squares),
+      jax.tree.map(lambda n, m: pick(n * down.astype(n.dtype), m), again.norms, measured.norms),
+      jax.tree.map(lambda q, m: pick(back(q), m), again.squares, measured.squares),
+      pick(back(again.total_squares), measured.total_squares),
     )
-    rescued_norm = norms.safe_sqrt(again.total_squares) * down.astype(total_norm.dtype)
-    return jax.tree.map(
-      lambda r, o: jnp.where(usable, r, o), (rescued, rescued_norm), (measured, total_norm)
-    )
+    again_norm = norms.safe_sqrt(again.total_squares) * down.astype(total_norm.dtype)
+    return rescued, pick(again_norm, total_norm)
 
   return jax.lax.cond(suspect, rescue, lambda _: (measured, total_norm), None)
