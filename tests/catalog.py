@@ -6,7 +6,7 @@ import optax
 from harness import normal_tree
 
 import clipchain
-from clipchain import thresholds
+from clipchain import granularity, rules, thresholds
 
 # Each preset called with nothing but its required arguments: what optax.inject_hyperparams sees.
 PRESETS = {
@@ -22,6 +22,7 @@ PRESETS = {
   "spam_clip": (clipchain.spam_clip, ()),
   "normalize": (clipchain.normalize, ()),
   "stable_spam_clip": (clipchain.stable_spam_clip, ()),
+  "monitor": (clipchain.monitor, ()),
 }
 
 
@@ -38,11 +39,21 @@ TRANSFORMS = {
   "clip_by_global_norm": lambda: clipchain.clip_by_global_norm(1.0),
   "clip_by_block_rms": lambda: clipchain.clip_by_block_rms(0.5),
   "clip_by_layer_norm": lambda: clipchain.clip_by_layer_norm(1.0, layers="module"),
+  "clip_by_layer_norm_stacked": lambda: clipchain.clip_by_layer_norm(
+    1.0, stacked_axes={"kernel": 1}
+  ),
+  "monitor": lambda: clipchain.monitor(),
   "adaptive_grad_clip": lambda: clipchain.adaptive_grad_clip(0.05),
+  "adaptive_grad_clip_stacked": lambda: clipchain.adaptive_grad_clip(
+    0.05, stacked_axes={"kernel": 1}
+  ),
   "autoclip": lambda: clipchain.autoclip(50.0, window=4),
   "autoclip_layer": lambda: clipchain.autoclip(50.0, window=4, granularity="layer"),
   "zclip": lambda: clipchain.zclip(warmup_steps=2),
   "zclip_layer": lambda: clipchain.zclip(warmup_steps=2, granularity="layer"),
+  "zclip_stacked": lambda: clipchain.zclip(
+    warmup_steps=2, granularity="layer", stacked_axes={"kernel": 1}
+  ),
   "zclip_unit": lambda: clipchain.zclip(warmup_steps=2, granularity="unit"),
   "quantile_clip": lambda: clipchain.quantile_clip(initial_threshold=1.0),
   "quantile_clip_unit": lambda: clipchain.quantile_clip(initial_threshold=1.0, granularity="unit"),
@@ -68,6 +79,23 @@ POLICIES = {
   "QuantileTracker": lambda: thresholds.QuantileTracker(0.5, 0.3, 1.0),
   "EMARatio": lambda: thresholds.EMARatio(ratio=1.5, beta=0.5, warmup_steps=1),
   "SecondMoment": lambda: thresholds.SecondMoment(threshold=2.0, beta2=0.5, warmup_steps=1),
+  "MaxEMA": lambda: thresholds.MaxEMA(0.5),
+  "NormMoments": lambda: thresholds.NormMoments(),
+}
+
+# Every granularity, with a stacked axis where it takes one (a leaf path with "stack" in it).
+GRANULARITIES = {
+  "Global": lambda: granularity.Global(),
+  "Layer": lambda: granularity.Layer(stacked_axes={"stack": 1}),
+  "Unit": lambda: granularity.Unit(stacked_axes={"stack": 1}),
+  "Element": lambda: granularity.Element(),
+}
+
+# Every rule.
+RULES = {
+  "Clip": lambda: rules.Clip(),
+  "Rescale": lambda: rules.Rescale(),
+  "Normalize": lambda: rules.Normalize(),
 }
 
 

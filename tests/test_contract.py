@@ -73,15 +73,32 @@ def norms_of(kind: str, leaves: dict[str, np.ndarray]) -> np.ndarray:
   return np.concatenate(out, axis=1)
 
 
-def reference_thresholds(name: str, norms: np.ndarray, param_norms: np.ndarray) -> np.ndarray:
+def reference_thresholds(
+  name: str, norms: np.ndarray, param_norms: np.ndarray, leaf_of: np.ndarray | None = None
+) -> np.ndarray:
   """The threshold of every group at every step, from the policy's equations in float64.
 
   A step whose tree norm is not finite changes no state; a group whose norm is 0 moves none of its
   statistics (except SecondMoment's moment, Adam's second moment, which decays on zeros).
+  ``leaf_of``: the leaf of each group, for a policy that follows a leaf's largest norm (MaxEMA,
+  where the groups grow with the leaves); by default each group is its own.
   """
   steps, groups = norms.shape
   totals = np.sqrt(np.sum(norms**2, axis=1))
   out = np.zeros((steps, groups))
+  if name == "MaxEMA":
+    leaf_of = np.arange(groups) if leaf_of is None else np.asarray(leaf_of)
+    for leaf in np.unique(leaf_of):
+      members = leaf_of == leaf
+      ema, seen = 0.0, 0
+      for t in range(steps):
+        peak = np.max(norms[t, members])  # NaN when a member is NaN
+        here = bool(np.isfinite(peak) and peak > 0)
+        new_ema, new_seen = (0.5 * ema + 0.5 * peak, seen + 1) if here else (ema, seen)
+        out[t, members] = new_ema / (1 - 0.5**new_seen) if new_seen else np.inf
+        if here and np.isfinite(totals[t]):
+          ema, seen = new_ema, new_seen
+    return out
   if name == "Fixed":
     out[:] = 1.0
   elif name == "Scheduled":
@@ -139,6 +156,16 @@ def reference_thresholds(name: str, norms: np.ndarray, param_norms: np.ndarray) 
             gamma = min(gamma, clipped)
           else:
             gamma = clipped if np.isinf(gamma) else 0.5 * gamma + 0.5 * clipped
+      elif name == "NormMoments":
+        if here:
+          new = (0.7 * mean + 0.3 * n, 0.9 * var + 0.1 * n * n, seen + 1)
+        else:
+          new = (mean, var, seen)
+        if new[2]:
+          m_hat, v_hat = new[0] / (1 - 0.7 ** new[2]), new[1] / (1 - 0.9 ** new[2])
+          out[t, g] = m_hat / (np.sqrt(v_hat) + 1e-8)
+        if observed:
+          mean, var, seen = new
       elif name == "SecondMoment":
         limit = np.sqrt(2.0 * v) if t >= 1 and v > 0 else np.inf
         out[t, g] = limit
@@ -191,7 +218,10 @@ def scan_run(tx, seq):
 def check(kind, name, seq, updates, reported):
   norms = norms_of(kind, seq)
   param_norms = norms_of(kind, {k: p[None] for k, p in PARAMS.items()})[0]
-  thresholds = reference_thresholds(name, norms, param_norms)
+  leaf_of = np.concatenate(
+    [np.full(group_count(kind, SHAPES[k]), i) for i, k in enumerate(sorted(SHAPES))]
+  )
+  thresholds = reference_thresholds(name, norms, param_norms, leaf_of)
   want = reference_updates(kind, seq, thresholds)
   for k in SHAPES:
     # The NaN value stays NaN (never hidden); everything else equals the reference.
@@ -251,7 +281,8 @@ def test_capabilities_not_names_decide_what_a_policy_refuses():
 def test_granularities_and_policies_are_immutable_values():
   layer = gran.Layer("module", norm="rms")
   assert repr(layer) == (
-    "Layer(layers='module', norm='rms', stacked_axes=0, stacked_axis_name='layers')"
+    "Layer(layers='module', norm='rms', stacked_axes=0, stacked_axis_name='layers', "
+    "stacked_mesh_axes=())"
   )
   assert layer == gran.Layer("module", norm="rms")
   # A mapping given to a granularity is kept hashable: the state that holds it is jit's key.

@@ -244,6 +244,29 @@ def test_level_shift_is_absorbed_unlike_a_window_of_accepted_values():
   assert naive(watched, **SMALL, skipped_enter=False)[8:].all()
 
 
+@pytest.mark.parametrize("record_skipped", [True, False])
+def test_a_repeated_spike_with_and_without_recording_skipped_values(record_skipped):
+  """x1000 twice, two steps apart (sigma 6): the skipped first spike, in the window, hides the
+  second (z about 3); kept out, the second is skipped too. As the float64 rule says both ways."""
+  values = [*BASE, 1000.0, 1.0, 1.2, 1000.0, 1.0, 1.2]
+  tx = clipchain.skip_spikes(
+    optax.sgd(0.1), sigma=6.0, window=16, min_history=4, record_skipped=record_skipped
+  )
+  params = {"w": jnp.zeros(1)}
+  step = jax.jit(lambda g, state: tx.update({"w": g[None]}, state, params)[1])
+  state, skipped, zscores = tx.init(params), [], []
+  for x in values:
+    state = step(jnp.float32(x), state)
+    skipped.append(bool(state.skipped))
+    zscores.append(float(clipchain.stats(state)["skip_spikes/grad_norm_zscore"]))
+  want = naive(np.asarray(values)[:, None], sigma=6.0, window=16, min_history=4,
+               nan_enters=False, skipped_enter=record_skipped)  # fmt: skip
+  np.testing.assert_array_equal(skipped, want)
+  assert np.flatnonzero(skipped).tolist() == ([8] if record_skipped else [8, 11])
+  if record_skipped:
+    assert 2 < zscores[11] < 6
+
+
 def test_watch_loss_needs_the_loss():
   tx = clipchain.skip_spikes(optax.sgd(0.1), watch=("grad_norm", "loss"), name="spikes")
   params = {"w": jnp.zeros(1)}

@@ -142,9 +142,10 @@ def test_reads_the_moment_of_adam_inside_inject_hyperparams_and_chains():
 
 def test_refuses_an_inner_state_without_a_second_moment_at_init():
   tx = clipchain.clip_by_second_moment(optax.sgd(0.1, momentum=0.9), b2=0.999)
-  with pytest.raises(ValueError, match=r"needs an Adam-family inner optimizer.*'nu' and 'count'"):
+  found_none = r"needs an Adam-family inner optimizer.*second_moment=.*it found none"
+  with pytest.raises(ValueError, match=found_none):
     tx.init({"w": jnp.zeros(2)})
-  with pytest.raises(ValueError, match=r"'nu' and 'count'"):
+  with pytest.raises(ValueError, match=found_none):
     clipchain.clip_by_second_moment(optax.adagrad(0.1), b2=0.9).init({"w": jnp.zeros(2)})
 
 
