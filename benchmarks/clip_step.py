@@ -59,6 +59,12 @@ def _adam() -> optax.GradientTransformation:
   return optax.adam(LEARNING_RATE)
 
 
+def _scanned(path: str, leaf) -> int:
+  """A rank-3 leaf is a stack of layers along its first axis, as ``nn.scan`` makes it."""
+  del path
+  return 1 if leaf.ndim == 3 else 0
+
+
 # Name -> factory of the whole optimizer. Ratios are taken against BASELINE, which always runs.
 VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "adam": _adam,
@@ -84,6 +90,20 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "layer clip + adam": lambda: optax.chain(clipchain.clip_by_layer_norm(1.0), _adam()),
   "layer zclip + adam": lambda: optax.chain(clipchain.zclip(granularity="layer"), _adam()),
   "adagc + adam": lambda: optax.chain(clipchain.adagc(), _adam()),
+  # Scanned layers (the "stacked" workload): one group per slice of each rank-3 leaf, still one
+  # read of the gradients.
+  "scanned layer clip + adam": lambda: optax.chain(
+    clipchain.clip_by_layer_norm(1.0, stacked_axes=_scanned), _adam()
+  ),
+  "scanned layer zclip + adam": lambda: optax.chain(
+    clipchain.zclip(granularity="layer", stacked_axes=_scanned), _adam()
+  ),
+  "scanned agc + adam": lambda: optax.chain(
+    clipchain.adaptive_grad_clip(0.01, stacked_axes=_scanned), _adam()
+  ),
+  # Measuring only: one read of the gradients, no dearer than the clip.
+  "monitor + adam": lambda: optax.chain(clipchain.monitor(), _adam()),
+  "scanned monitor + adam": lambda: optax.chain(clipchain.monitor(stacked_axes=_scanned), _adam()),
   # SPAM keeps a moment per value: a read and a write of it on top.
   "spam_clip + adam": lambda: optax.chain(clipchain.spam_clip(), _adam()),
   # The normalize rule: one read of the gradients, as a clip. LARS against optax's trust ratio:
@@ -132,6 +152,8 @@ class Workload:
   leaves: int
   shape: tuple[int, ...]
   dtype: str = "float32"
+  # The variants it runs besides the baseline (all but the scanned ones when None).
+  variants: tuple[str, ...] | None = None
 
   @property
   def size(self) -> int:
@@ -243,6 +265,19 @@ class TrainStep:
     return step
 
 
+# Per-layer transforms on stacked leaves, beside the same transforms blind to the stacking.
+STACKED_VARIANTS = (
+  "clipchain clip + adam",
+  "layer clip + adam",
+  "scanned layer clip + adam",
+  "layer zclip + adam",
+  "scanned layer zclip + adam",
+  "clipchain agc + adam",
+  "scanned agc + adam",
+  "monitor + adam",
+  "scanned monitor + adam",
+)
+
 WORKLOADS = {
   "large": Workload("large", 8, (2048, 1024)),
   "many": Workload("many", 1000, (64, 64)),
@@ -250,12 +285,15 @@ WORKLOADS = {
   "bf16": Workload("bf16", 8, (2048, 1024), "bfloat16"),
   # The whole step: what clipping costs next to the forward and backward passes.
   "train": TrainStep("train", vocab=512, width=256, depth=4, heads=4, length=128, batch=16),
+  # Scanned layers: 4 leaves stacking 8 layers of 1024x512, as large's bytes.
+  "stacked": Workload("stacked", 4, (8, 1024, 512), variants=STACKED_VARIANTS),
 }
 QUICK_WORKLOADS = {
   "large": Workload("large", 8, (128, 64)),
   "many": Workload("many", 10, (8, 8)),
   "bf16": Workload("bf16", 8, (128, 64), "bfloat16"),
   "train": TrainStep("train", vocab=32, width=16, depth=1, heads=2, length=8, batch=2),
+  "stacked": Workload("stacked", 4, (4, 32, 16), variants=STACKED_VARIANTS),
 }
 
 
@@ -477,7 +515,7 @@ def _for(workload, variants: dict[str, Callable[[], optax.GradientTransformation
   """The variants a workload runs: all, or those it names (the baseline and control always)."""
   chosen = getattr(workload, "variants", None)
   if chosen is None:
-    return variants
+    return {k: v for k, v in variants.items() if not k.startswith("scanned ")}
   return {k: v for k, v in variants.items() if k in (BASELINE, CONTROL, *chosen)}
 
 
