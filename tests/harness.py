@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable
 
@@ -258,3 +259,14 @@ def orbax_round_trip(directory, state, like=None):
     checkpointer.wait_until_finished()
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state if like is None else like)
     return checkpointer.restore(directory, target)
+
+
+def child_jax_settings() -> dict[str, str]:
+  """The compile settings of this run (tests/conftest.py) for a fresh interpreter the tests start
+  with its own JAX environment: the same compilation cache and the same XLA optimisation level."""
+  return {
+    "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    "JAX_COMPILATION_CACHE_DIR": os.environ["CLIPCHAIN_TEST_JAX_CACHE"],
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }

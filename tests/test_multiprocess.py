@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from harness import child_jax_settings
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SCRIPT = _ROOT / "examples" / "data_parallel.py"
@@ -46,7 +47,13 @@ def launch(tmp: pathlib.Path, name: str, args: list[str], env: dict[str, str]):
   with open(tmp / f"{name}.log", "w") as log:
     return subprocess.Popen(
       [sys.executable, str(_SCRIPT), *args, "--out", str(tmp / f"{name}.npz")],
-      env={**inherited, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu", **env},
+      env={
+        **inherited,
+        **child_jax_settings(),
+        "PYTHONPATH": python_path,
+        "JAX_PLATFORMS": "cpu",
+        **env,
+      },
       stdout=log,
       stderr=subprocess.STDOUT,
     )
@@ -168,7 +175,13 @@ def test_study_across_two_processes_equals_one_process(tmp_path):
     with open(tmp_path / f"{name}.log", "w") as log:
       return subprocess.Popen(
         [sys.executable, "-m", "clipchain", "study", *args, "--out", str(tmp_path / out)],
-        env={**inherited, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu", **env},
+        env={
+          **inherited,
+          **child_jax_settings(),
+          "PYTHONPATH": python_path,
+          "JAX_PLATFORMS": "cpu",
+          **env,
+        },
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=tmp_path,

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from harness import child_jax_settings
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORD_FIELDS = {
@@ -28,7 +29,7 @@ TIMING = {"steps_per_second", "step_cost"}
 
 def run_cli(args, cwd, devices: int) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "CLIPCHAIN_"))}
-  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+  env.update(child_jax_settings(), JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
   return subprocess.run(
     [sys.executable, "-m", "clipchain", "study", *args],

@@ -226,6 +226,15 @@ def rescue_needed(norm: jax.Array) -> jax.Array | None:
   return None if varying_axes_of(suspect) else suspect
 
 
+def rescue_if(suspect: jax.Array, rescue, keep):
+  """``lax.cond(suspect, rescue, keep, None)`` where traced; run eagerly, the branch is chosen in
+  Python instead: a ``cond`` outside ``jit`` compiles both branches as one program for every new
+  tree, where the eager operations it replaces are each compiled once for all trees."""
+  if isinstance(suspect, jax.core.Tracer):
+    return jax.lax.cond(suspect, rescue, keep, None)
+  return rescue(None) if bool(suspect) else keep(None)
+
+
 def global_norm(leaves: list, axis_names: tuple[str, ...] = ()) -> jax.Array:
   """The L2 norm of ``leaves`` across devices, accumulated in float32; right also where the float32
   sum of squares of finite values overflows or underflows (then, only then, computed again with
@@ -248,4 +257,4 @@ def norm_of_squares(leaves: list, total: jax.Array, axis_names: tuple[str, ...] 
     again = total_across([norms.sum_of_squares(x) for x in scaled], leaves, axis_names)
     return norms.safe_sqrt(again) / up.astype(norm.dtype)
 
-  return jax.lax.cond(suspect, rescue, lambda _: norm, None)
+  return rescue_if(suspect, rescue, lambda _: norm)

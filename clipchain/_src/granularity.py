@@ -774,4 +774,4 @@ def measure_robustly(
     again_norm = norms.safe_sqrt(again.total_squares) * down.astype(total_norm.dtype)
     return rescued, pick(again_norm, total_norm)
 
-  return jax.lax.cond(suspect, rescue, lambda _: (measured, total_norm), None)
+  return distributed.rescue_if(suspect, rescue, lambda _: (measured, total_norm))
