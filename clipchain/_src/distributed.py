@@ -238,7 +238,7 @@ def rescue_if(suspect: jax.Array, rescue, keep):
 def global_norm(leaves: list, axis_names: tuple[str, ...] = ()) -> jax.Array:
   """The L2 norm of ``leaves`` across devices, accumulated in float32; right also where the float32
   sum of squares of finite values overflows or underflows (then, only then, computed again with
-  the values scaled by :func:`rescue_scale`, in a ``lax.cond``). NaN and Inf stay so."""
+  the values scaled by :func:`rescue_scale`, in :func:`rescue_if`). NaN and Inf stay so."""
   total = total_across([norms.sum_of_squares(x) for x in leaves], leaves, axis_names)
   return norm_of_squares(leaves, total, axis_names)
 

@@ -739,21 +739,21 @@ def measure_robustly(
 
   Only then, decided by one scalar test of the tree's norm, the tree is measured again with its
   values scaled by a power of two (2**-66 or 2**66: exact, and covering every finite float32), and
-  the norms scaled back: a ``lax.cond``, so the common case costs nothing more (under ``vmap`` it
-  becomes a select and both are computed). A NaN or an infinity stays what it is. A group that
-  underflows beside others that do not is not rescued.
+  the norms scaled back: a ``lax.cond`` where traced (decided in Python when run eagerly), so the
+  common case costs nothing more (under ``vmap`` it becomes a select and both are computed). A NaN
+  or an infinity stays what it is. A group that underflows beside others that do not is not
+  rescued.
   """
   measured = granularity.measure(tree, axis_names)
-  total_norm = norms.safe_sqrt(measured.total_squares)
   leaves = jax.tree.leaves(tree)
-  suspect = distributed.rescue_needed(total_norm) if leaves else None
-  if suspect is None:
-    return measured, total_norm
-
   if granularity.one_group_per_value:
     # A value's magnitude is exact; only the tree's sum of squares (its norm) can overflow. The
     # magnitudes stay out of the conditional, whose outputs XLA writes out as arrays of their own.
     return measured, distributed.norm_of_squares(leaves, measured.total_squares, axis_names)
+  total_norm = norms.safe_sqrt(measured.total_squares)
+  suspect = distributed.rescue_needed(total_norm) if leaves else None
+  if suspect is None:
+    return measured, total_norm
 
   def rescue(_):
     up = distributed.rescue_scale(total_norm)
