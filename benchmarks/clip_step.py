@@ -288,11 +288,37 @@ WORKLOADS = {
   # Scanned layers: 4 leaves stacking 8 layers of 1024x512, as large's bytes.
   "stacked": Workload("stacked", 4, (8, 1024, 512), variants=STACKED_VARIANTS),
 }
+# At the --quick sizes (the smoke test and the fusion and temporary budget) every variant runs on
+# the large and many workloads; bfloat16 and the whole train step keep the clips whose structure
+# they change (float32 copies of bfloat16 leaves; the step's own gradient kernels), since each of
+# their compiles costs seconds without telling anything the float32 workloads do not.
+QUICK_BF16_VARIANTS = (
+  "optax clip + adam",
+  "clipchain clip + adam",
+  "zclip + adam",
+  "clipchain agc + adam",
+  "clipchain value clip + adam",
+  "layer clip + adam",
+  "monitor + adam",
+  "normalize + adam",
+  "stable_spam_clip + adam",
+  "clip_by_second_moment(adam)",
+  "skip_nonfinite(clip + adam)",
+)
 QUICK_WORKLOADS = {
   "large": Workload("large", 8, (128, 64)),
   "many": Workload("many", 10, (8, 8)),
-  "bf16": Workload("bf16", 8, (128, 64), "bfloat16"),
-  "train": TrainStep("train", vocab=32, width=16, depth=1, heads=2, length=8, batch=2),
+  "bf16": Workload("bf16", 8, (128, 64), "bfloat16", variants=QUICK_BF16_VARIANTS),
+  "train": TrainStep(
+    "train",
+    vocab=32,
+    width=16,
+    depth=1,
+    heads=2,
+    length=8,
+    batch=2,
+    variants=("optax clip + adam", "clipchain clip + adam", "zclip + adam"),
+  ),
   "stacked": Workload("stacked", 4, (4, 32, 16), variants=STACKED_VARIANTS),
 }
 

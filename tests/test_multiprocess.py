@@ -159,6 +159,7 @@ def test_study_across_two_processes_equals_one_process(tmp_path):
   """``clipchain study`` with the runs of each cell sharded over two processes' devices: process 0
   writes the same results as one process with as many devices; process 1 writes nothing."""
   args = ["--quick", "--steps", "20", "--seeds", "2", "--strategies", "none", "global"]
+  args += ["--optimizers", "sgd"]
   cluster = {
     "CLIPCHAIN_COORDINATOR": f"127.0.0.1:{free_port()}",
     "CLIPCHAIN_NUM_PROCESSES": "2",
