@@ -161,7 +161,8 @@ STRATEGIES: dict[str, Strategy] = {
       "(Wortsman et al. 2023); Adam-family optimizers, after only",
       fixed=False,
       wraps_optimizer=True,
-      optimizers=("rmsprop", "adam", "adamw"),
+      # Adam's bias-corrected second moment; rmsprop's has no bias correction (refused).
+      optimizers=("adam", "adamw"),
     ),
     Strategy(
       "stable-spam",
@@ -211,9 +212,6 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
 ``optax.adamw(lr, weight_decay=1e-4)``.
 """
 
-#: The decay of each optimizer's second moment (optax's defaults), for StableAdamW's correction.
-SECOND_MOMENT_DECAY = {"rmsprop": 0.9, "adam": 0.999, "adamw": 0.999}
-
 DEFAULT_LRS: dict[str, tuple[float, ...]] = {
   "sgd": (0.01, 0.03, 0.1, 0.3, 1.0),
   "rmsprop": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
@@ -239,10 +237,9 @@ def direction_with_clip(
   direction = OPTIMIZERS[optimizer]()
   seen = [] if probe is None else [probe]
   if strategy.wraps_optimizer:
-    # Update clipping relative to the optimizer's own state: it wraps the direction.
-    return clipchain.clip_by_second_moment(
-      optax.chain(direction, *seen), b2=SECOND_MOMENT_DECAY[optimizer]
-    )
+    # Update clipping relative to the optimizer's own state: it wraps the direction (and reads
+    # its b2 from it).
+    return clipchain.clip_by_second_moment(optax.chain(direction, *seen))
   clip = strategy.build(calibration, multiplier)  # type: ignore[arg-type]  # None: not calibrated
   if placement == "before":
     chain = optax.chain(*seen, clip, direction)
