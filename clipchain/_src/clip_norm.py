@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipchain._src import distributed
+from clipchain._src import distributed, masking
 from clipchain._src import state as state_lib
 from clipchain._src.granularity import (
   Granularity,
@@ -44,7 +44,7 @@ def as_policy(threshold: ThresholdLike, argname: str = "threshold") -> Threshold
 
 
 # The statistics ClipNormState reports itself: a policy's may not take their names.
-OWN_STATISTICS = ("norm", "clipped_norm", "clipped_fraction", "threshold")
+OWN_STATISTICS = ("norm", "total_norm", "clipped_norm", "clipped_fraction", "threshold")
 
 
 def _broadcasts_to(shape, target) -> bool:
@@ -93,6 +93,8 @@ class ClipNormState(NamedTuple):
     settings: records the policy and the groups (their names and shapes) as the key of one int8
       leaf, so that a checkpoint restored into a transform whose state means something else (a
       renamed layer mapping, another policy) fails in Orbax, naming both.
+    total_norm: with ``mask=``, the L2 norm of the whole update, the leaves it passes through
+      included (``norm`` is that of the leaves it clips); else ``()``.
     name: the name under which :func:`clipchain.stats` reports (static, not an array).
     layer_names: the name of each layer (static).
     axis_names: the mesh axes norms are summed across (static).
@@ -110,6 +112,7 @@ class ClipNormState(NamedTuple):
   policy_state: Any
   policy_stats: dict[str, jax.Array]
   settings: dict[str, jax.Array]
+  total_norm: jax.Array | tuple[()] = ()
   name: Static[str] = "clip_norm"
   layer_names: Static[tuple[str, ...]] = ()
   axis_names: Static[tuple[str, ...]] = ()
@@ -117,7 +120,7 @@ class ClipNormState(NamedTuple):
   granularity: Static[Granularity | None] = None
 
   def input_norm(self) -> jax.Array:
-    return self.norm
+    return self.norm if isinstance(self.total_norm, tuple) else self.total_norm
 
   def report(self) -> dict[str, jax.Array]:
     out = {
@@ -125,6 +128,8 @@ class ClipNormState(NamedTuple):
       "clipped_norm": self.clipped_norm,
       "clipped_fraction": self.clipped_fraction,
     }
+    if not isinstance(self.total_norm, tuple):
+      out["total_norm"] = self.total_norm
     per_group = {"threshold": self.threshold, **self.policy_stats}
     if self.layer_names:
       # With named groups layer_norms is the per-layer vector (an empty tuple only without them).
@@ -144,6 +149,7 @@ def clip_norm(
   *,
   granularity: GranularityLike = "global",
   rule: RuleLike = "clip",
+  mask: masking.MaskLike = None,
   name: str = "clip_norm",
   axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformation:
@@ -177,6 +183,13 @@ def clip_norm(
       for automatic clipping), or a :class:`clipchain.rules.Rule`. A granularity may refuse a
       rule (:meth:`~clipchain.granularity.Granularity.check_rule`): the element granularity
       refuses normalising, which would replace each value by ``±c``.
+    mask: which leaves are measured and clipped, as ``optax.masked`` takes it: a pytree of
+      Python booleans shaped like the updates (or a prefix of them), or a callable
+      ``updates -> such a pytree`` (given the params at ``init``). The other leaves pass through
+      untouched and the statistics describe the selected ones, with ``total_norm`` beside them:
+      the norm of the whole update, from the same read of the gradients (a guard around the
+      transform decides from it). For a clip beside an optimizer that treats some leaves on its
+      own, e.g. every leaf ``optax.contrib.muon`` does not orthogonalise. Every preset takes it too.
     name: the name under which :func:`clipchain.stats` reports this transform. Every preset
       takes it too.
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name(s) to sum norms across, so that
@@ -214,6 +227,7 @@ def clip_norm(
   rule = as_rule(rule)
   where.check_rule(rule)
   check_name(name)
+  mask = masking.validate_mask(mask)
   axis_names = distributed.as_axis_names(axis_name)
 
   def summaries(at: Granularity, policy_state, axes: tuple[str, ...]) -> dict[str, jax.Array]:
@@ -306,4 +320,6 @@ def clip_norm(
     )
     return clipped, keep_dtypes(new_state, state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  if mask is None:
+    return optax.GradientTransformation(init_fn, update_fn)
+  return masking.masked_transform(init_fn, update_fn, mask, axis_names)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipchain._src import distributed, stacking
+from clipchain._src import distributed, masking, stacking
 from clipchain._src import state as state_lib
 from clipchain._src.granularity import (
   Granularity,
@@ -33,6 +33,8 @@ class MonitorState(NamedTuple):
       granularity); the mean of the groups' norms with one that does not (units); ``()`` at the
       global granularity (Orbax cannot save a zero-size array).
     name: the name under which :func:`clipchain.stats` reports (static).
+    total_norm: with ``mask=``, the L2 norm of the whole update, the leaves not measured
+      included (``norm`` is that of the measured ones); else ``()``.
     layer_names: the name of each group (static; ``()`` when the groups have no names).
     axis_names: the mesh axes norms are summed across (static).
     signature: the paths and shapes of the tree ``init`` saw (static).
@@ -42,6 +44,7 @@ class MonitorState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
   norm: jax.Array
   layer_norms: jax.Array | tuple[()]
+  total_norm: jax.Array | tuple[()] = ()
   name: Static[str] = "monitor"
   layer_names: Static[tuple[str, ...]] = ()
   axis_names: Static[tuple[str, ...]] = ()
@@ -49,10 +52,12 @@ class MonitorState(NamedTuple):
   granularity: Static[Granularity | None] = None
 
   def input_norm(self) -> jax.Array:
-    return self.norm
+    return self.norm if isinstance(self.total_norm, tuple) else self.total_norm
 
   def report(self) -> dict[str, jax.Array]:
     out = {"norm": self.norm}
+    if not isinstance(self.total_norm, tuple):
+      out["total_norm"] = self.total_norm
     norms = self.layer_norms
     if isinstance(norms, tuple):
       return out
@@ -67,6 +72,7 @@ def monitor(
   granularity: GranularityLike = "layer",
   *,
   stacked_axes: stacking.StackedSpec = 0,
+  mask: masking.MaskLike = None,
   name: str = "monitor",
   axis_name: distributed.AxisName = None,
 ) -> optax.GradientTransformation:
@@ -85,6 +91,8 @@ def monitor(
     stacked_axes: with the layer granularity, which leading axes of a leaf index stacked (scanned)
       layers, each then reported on its own: an int (every leaf), a ``{path regex: int}`` mapping
       or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    mask: which leaves are measured, as for :func:`clipchain.clip_norm` (``total_norm`` is the
+      whole update's norm); every leaf is passed on unchanged either way.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -104,6 +112,7 @@ def monitor(
   """
   where = as_granularity(granularity, stacked_axes)
   check_name(name)
+  mask = masking.validate_mask(mask)
   axis_names = distributed.as_axis_names(axis_name)
 
   def init_fn(params):
@@ -141,7 +150,9 @@ def monitor(
     )
     return updates, keep_dtypes(new_state, state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  if mask is None:
+    return optax.GradientTransformation(init_fn, update_fn)
+  return masking.masked_transform(init_fn, update_fn, mask, axis_names)
 
 
 def _zeros(shapes):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from clipchain._src import state as state_lib
 from clipchain._src import tree as tree_lib
@@ -36,7 +37,9 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   ``MultiSteps`` and other wrappers, nested arbitrarily) and returns a flat dictionary. Keys are
   ``"{name}/{statistic}"``, where ``name`` is the transform's name (its ``name=`` argument, else the
   function's name); a name that occurs more than once gets ``_1``, ``_2``, ... appended in the
-  order the states occur. Per-layer statistics are keyed ``"{name}/{statistic}/{layer path}"``.
+  order the states occur. Per-layer statistics are keyed ``"{name}/{statistic}/{layer path}"``;
+  a per-group statistic of a tree with no groups (``optax.masked`` with every leaf masked out) is
+  left out, so every value is a scalar (one per run under ``vmap``).
 
   Pure and cheap: it only reads fields, so it can be called inside ``jit`` on the state a step
   returns, without computing any norm a second time.
@@ -72,6 +75,10 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     seen[node.name] = k + 1
     used.add(prefix)
     for key, value in node.report().items():
+      if jnp.size(value) == 0:
+        # A per-group statistic of no groups (every leaf masked out): nothing to log, and no
+        # scalar to call float() on.
+        continue
       full = f"{prefix}/{key}"
       if full in out:
         raise ValueError(

@@ -103,18 +103,23 @@ def named_leaves(tree) -> list[NamedLeaf]:
   return out
 
 
-def unboxed_structure(tree) -> jax.tree_util.PyTreeDef:
-  """The structure of ``tree`` with every Flax box replaced by the leaves it holds: the same for a
-  boxed tree (``init`` in Flax's partitioning recipes) and its unboxed arrays (``update``), so a
-  state shaped by it fits both."""
+def unboxed(tree):
+  """``tree`` with every Flax box replaced by the leaves it holds (its one value, or a tuple)."""
 
-  def unboxed(node):
+  def unbox(node):
     if not is_boxed(node):
       return node
     leaves = jax.tree.leaves(node)
     return leaves[0] if len(leaves) == 1 else tuple(leaves)
 
-  return jax.tree.structure(jax.tree.map(unboxed, tree, is_leaf=is_boxed))
+  return jax.tree.map(unbox, tree, is_leaf=is_boxed)
+
+
+def unboxed_structure(tree) -> jax.tree_util.PyTreeDef:
+  """The structure of ``tree`` with every Flax box replaced by the leaves it holds: the same for a
+  boxed tree (``init`` in Flax's partitioning recipes) and its unboxed arrays (``update``), so a
+  state shaped by it fits both."""
+  return jax.tree.structure(unboxed(tree))
 
 
 def leaf_paths(tree) -> list[str]:

@@ -10,6 +10,7 @@ import optax
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Unit
+from clipchain._src.masking import MaskLike
 from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.relative import RelativeToParams
 
@@ -21,6 +22,7 @@ def adaptive_grad_clip(
   *,
   layout: Literal["flax", "torch"] = "flax",
   stacked_axes: StackedSpec = 0,
+  mask: MaskLike = None,
   name: str = "adaptive_grad_clip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -50,6 +52,7 @@ def adaptive_grad_clip(
       stacked) or a callable ``(path, leaf) -> int``. Boxed parameters whose partition metadata
       names an axis ``"layers"`` are stacked along it without being told (see
       :class:`clipchain.granularity.Unit`).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -81,5 +84,9 @@ def adaptive_grad_clip(
   """
   granularity = Unit(axis, layout=layout, stacked_axes=stacked_axes)
   return clip_norm(
-    RelativeToParams(clipping, eps), granularity=granularity, name=name, axis_name=axis_name
+    RelativeToParams(clipping, eps),
+    granularity=granularity,
+    mask=mask,
+    name=name,
+    axis_name=axis_name,
   )

@@ -7,6 +7,7 @@ import optax
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.masking import MaskLike
 from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.percentile import Percentile
 
@@ -18,6 +19,7 @@ def autoclip(
   include_current: bool = True,
   granularity: GranularityLike = "global",
   stacked_axes: StackedSpec = 0,
+  mask: MaskLike = None,
   name: str = "autoclip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -50,6 +52,7 @@ def autoclip(
       (scanned) layers, each then with a history of its own: an int (every leaf), a
       ``{path regex: int}`` mapping or a callable ``(path, leaf) -> int`` (see
       :class:`clipchain.granularity.Layer`).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`; the statistics include ``history_length``, the
       number of norms in the history.
     axis_name: as for :func:`clipchain.clip_norm`.
@@ -82,5 +85,9 @@ def autoclip(
   """
   policy = Percentile(percentile, window=window, include_current=include_current)
   return clip_norm(
-    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+    policy,
+    granularity=as_granularity(granularity, stacked_axes),
+    mask=mask,
+    name=name,
+    axis_name=axis_name,
   )

@@ -14,11 +14,12 @@ from clipchain._src import layers as layers_lib
 from clipchain._src.clip_norm import ThresholdLike, as_policy, clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Layer
+from clipchain._src.masking import MaskLike
 from clipchain._src.stacking import StackedSpec
 
 
 def clip(
-  max_delta: ThresholdLike, *, name: str = "clip", axis_name: AxisName = None
+  max_delta: ThresholdLike, *, mask: MaskLike = None, name: str = "clip", axis_name: AxisName = None
 ) -> optax.GradientTransformation:
   """Clips every value of the updates to ``[-max_delta, max_delta]`` (as ``optax.clip``).
 
@@ -26,6 +27,7 @@ def clip(
 
   Args:
     max_delta: the largest absolute value allowed (a number, a schedule or a policy).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -41,12 +43,20 @@ def clip(
     Array([-1. ,  0.5,  1. ], dtype=float32)
   """
   return clip_norm(
-    as_policy(max_delta, "max_delta"), granularity="element", name=name, axis_name=axis_name
+    as_policy(max_delta, "max_delta"),
+    granularity="element",
+    mask=mask,
+    name=name,
+    axis_name=axis_name,
   )
 
 
 def clip_by_global_norm(
-  max_norm: ThresholdLike, *, name: str = "clip_by_global_norm", axis_name: AxisName = None
+  max_norm: ThresholdLike,
+  *,
+  mask: MaskLike = None,
+  name: str = "clip_by_global_norm",
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Clips updates so that their global L2 norm is at most ``max_norm``.
 
@@ -55,6 +65,7 @@ def clip_by_global_norm(
 
   Args:
     max_norm: the largest global norm (a number, a schedule or a policy).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -75,7 +86,7 @@ def clip_by_global_norm(
     <https://arxiv.org/abs/1211.5063>`_, 2013
   """
   return clip_norm(
-    as_policy(max_norm, "max_norm"), granularity="global", name=name, axis_name=axis_name
+    as_policy(max_norm, "max_norm"), granularity="global", mask=mask, name=name, axis_name=axis_name
   )
 
 
@@ -83,6 +94,7 @@ def clip_by_block_rms(
   threshold: ThresholdLike,
   *,
   stacked_axes: StackedSpec = 0,
+  mask: MaskLike = None,
   name: str = "clip_by_block_rms",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -96,6 +108,7 @@ def clip_by_block_rms(
     stacked_axes: which leading axes of a leaf index stacked (scanned) layers, each slice then
       clipped on its own RMS: an int (every leaf), a ``{path regex: int}`` mapping or a callable
       ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -116,6 +129,7 @@ def clip_by_block_rms(
   return clip_norm(
     as_policy(threshold),
     granularity=Layer(norm="rms", stacked_axes=stacked_axes),
+    mask=mask,
     name=name,
     axis_name=axis_name,
   )
@@ -126,6 +140,7 @@ def clip_by_layer_norm(
   *,
   layers: layers_lib.LayersSpec = None,
   stacked_axes: StackedSpec = 0,
+  mask: MaskLike = None,
   name: str = "clip_by_layer_norm",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -149,6 +164,7 @@ def clip_by_layer_norm(
     stacked_axes: which leading axes of a leaf index stacked layers: an int (every leaf), a
       ``{path regex: int}`` mapping (first match; leaves that match none are not stacked) or a
       callable ``(path, leaf) -> int``.
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -169,6 +185,7 @@ def clip_by_layer_norm(
   return clip_norm(
     as_policy(max_norm, "max_norm"),
     granularity=Layer(layers, stacked_axes=stacked_axes),
+    mask=mask,
     name=name,
     axis_name=axis_name,
   )

@@ -7,6 +7,7 @@ import optax
 from clipchain._src.clip_norm import ThresholdLike, as_policy, clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.masking import MaskLike
 from clipchain._src.rules import Normalize
 from clipchain._src.stacking import StackedSpec
 
@@ -17,6 +18,7 @@ def normalize(
   *,
   granularity: GranularityLike = "global",
   stacked_axes: StackedSpec = 0,
+  mask: MaskLike = None,
   name: str = "normalize",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -37,6 +39,7 @@ def normalize(
     stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
       (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
       mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -62,6 +65,7 @@ def normalize(
     as_policy(norm, "norm"),
     granularity=as_granularity(granularity, stacked_axes),
     rule=Normalize(stabilizer),
+    mask=mask,
     name=name,
     axis_name=axis_name,
   )

@@ -7,6 +7,7 @@ import optax
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.masking import MaskLike
 from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.quantile import QuantileTracker
 
@@ -18,6 +19,7 @@ def quantile_clip(
   *,
   granularity: GranularityLike = "global",
   stacked_axes: StackedSpec = 0,
+  mask: MaskLike = None,
   name: str = "quantile_clip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -40,6 +42,7 @@ def quantile_clip(
     stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
       (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
       mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -64,5 +67,9 @@ def quantile_clip(
   """
   policy = QuantileTracker(target_quantile, learning_rate, initial_threshold)
   return clip_norm(
-    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+    policy,
+    granularity=as_granularity(granularity, stacked_axes),
+    mask=mask,
+    name=name,
+    axis_name=axis_name,
   )

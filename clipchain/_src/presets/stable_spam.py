@@ -7,6 +7,7 @@ import optax
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Element, Layer
+from clipchain._src.masking import MaskLike
 from clipchain._src.thresholds.stable_spam import MaxEMA, NormMoments
 from clipchain._src.validation import check_name
 
@@ -17,6 +18,7 @@ def stable_spam_clip(
   theta: float = 0.999,
   eps: float = 1e-8,
   *,
+  mask: MaskLike = None,
   name: str = "stable_spam_clip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -43,6 +45,7 @@ def stable_spam_clip(
     gamma2: AdaGN's decay of the EMA of its squared norm, in ``[0, 1)``.
     theta: AdaClip's decay of the EMA of each tensor's largest magnitude, in ``[0, 1)``.
     eps: added to ``sqrt(v̂)`` in AdaGN, a finite number >= 0.
+    mask: as for :func:`clipchain.clip_norm`.
     name: the prefix of the two clips' names in :func:`clipchain.stats`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -69,6 +72,7 @@ def stable_spam_clip(
       MaxEMA(theta),
       granularity=Element(),
       rule="rescale",
+      mask=mask,
       name=f"{name}_adaclip",
       axis_name=axis_name,
     ),
@@ -76,6 +80,7 @@ def stable_spam_clip(
       NormMoments(gamma1, gamma2, eps),
       granularity=Layer(),
       rule="normalize",
+      mask=mask,
       name=f"{name}_adagn",
       axis_name=axis_name,
     ),

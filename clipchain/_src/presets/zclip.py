@@ -9,6 +9,7 @@ import optax
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.masking import MaskLike
 from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.zscore import ZScore
 
@@ -26,6 +27,7 @@ def zclip(
   *,
   granularity: GranularityLike = "global",
   stacked_axes: StackedSpec = 0,
+  mask: MaskLike = None,
   name: str = "zclip",
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
@@ -56,6 +58,7 @@ def zclip(
     stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
       (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
       mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
+    mask: as for :func:`clipchain.clip_norm`.
     name: as for :func:`clipchain.clip_norm`.
     axis_name: as for :func:`clipchain.clip_norm`.
 
@@ -94,5 +97,9 @@ def zclip(
     skip_update_on_spike=skip_update_on_spike,
   )
   return clip_norm(
-    policy, granularity=as_granularity(granularity, stacked_axes), name=name, axis_name=axis_name
+    policy,
+    granularity=as_granularity(granularity, stacked_axes),
+    mask=mask,
+    name=name,
+    axis_name=axis_name,
   )
