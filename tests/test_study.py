@@ -455,9 +455,122 @@ def test_a_fixed_strategys_recorded_threshold_is_the_one_its_clip_applies(name):
   from clipchain.study.strategies import STRATEGIES, Calibration
 
   strategy = STRATEGIES[name]
-  calibration = Calibration(global_norm=3.0, layer_norm=2.0, abs_p99=0.5)
+  calibration = Calibration(global_norm=3.0, layer_norm=2.0, abs_p99=0.5, subset_norm=1.0)
   tx = strategy.build(calibration, 0.25)
   g = {"w": jnp.ones(3)}
   _, state = tx.update(g, tx.init(g))
   applied = {float(v) for k, v in cc.stats(state).items() if "/threshold" in k}
   assert applied == {strategy.threshold(calibration, 0.25)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon: its direction, and the clip of the leaves it does not orthogonalise.
+
+
+def _matrix_task() -> Task:
+  """A two-layer regression: two matrices (Muon's) and two biases (its AdamW's)."""
+
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    return {
+      "hidden": {"kernel": 0.5 * jax.random.normal(k1, (4, 6)), "bias": jnp.zeros(6)},
+      "out": {"kernel": 0.5 * jax.random.normal(k2, (6, 1)), "bias": jnp.zeros(1)},
+    }
+
+  def loss(params, batch):
+    x, y = batch
+    h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+    return jnp.mean((h @ params["out"]["kernel"] + params["out"]["bias"] - y[:, None]) ** 2)
+
+  def batches(key, step):
+    x = jax.random.normal(jax.random.fold_in(key, step), (8, 4))
+    return x, jnp.sin(x @ jnp.array([1.0, -2.0, 0.5, 3.0])) + 1.0
+
+  return Task("matrices", init=init, loss=loss, batches=batches, target_loss=0.1, steps=20)
+
+
+def _steps(tx, params, grads_list):
+  state, out = tx.init(params), []
+  for g in grads_list:
+    u, state = tx.update(g, state, params)
+    params = jax.tree.map(lambda p, d: p + d, params, u)
+    out.append(params)
+  return out
+
+
+def test_the_muon_direction_scaled_by_minus_lr_is_optax_muon():
+  import optax
+
+  from clipchain.study.strategies import OPTIMIZERS
+
+  task = _matrix_task()
+  params = task.init(jax.random.PRNGKey(0))
+  grads = [jax.grad(task.loss)(params, task.batches(jax.random.PRNGKey(1), t)) for t in range(3)]
+  ours = _steps(optax.chain(OPTIMIZERS["muon"](), optax.scale(-0.02)), params, grads)
+  reference = _steps(optax.contrib.muon(0.02), params, grads)
+  for a, b in zip(ours, reference, strict=True):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+
+def test_the_subset_strategy_clips_only_muons_adamw_leaves_at_their_warm_up_norm():
+  import optax
+
+  import clipchain as cc
+  from clipchain.study.strategies import STRATEGIES, Calibration, direction_with_clip
+
+  task = _matrix_task()
+  params = task.init(jax.random.PRNGKey(0))
+  grads = [
+    jax.tree.map(
+      lambda x: 10.0 * x, jax.grad(task.loss)(params, task.batches(jax.random.PRNGKey(1), t))
+    )
+    for t in range(3)
+  ]
+  calibration = Calibration(global_norm=3.0, layer_norm=2.0, abs_p99=0.5, subset_norm=0.05)
+  ours = optax.chain(
+    direction_with_clip(STRATEGIES["global-subset"], "muon", "before", calibration, 1.0),
+    optax.scale(-0.02),
+  )
+  # Levanter's arrangement, written by hand: the clip inside the AdamW branch of Muon's partition.
+  labels = lambda tree: jax.tree.map(lambda x: "muon" if x.ndim == 2 else "adam", tree)
+  hand = optax.partition(
+    {
+      "muon": optax.contrib.muon(0.02),
+      "adam": optax.chain(
+        cc.clip_by_global_norm(0.05), optax.adamw(0.02, eps=1e-8, weight_decay=0.0, nesterov=True)
+      ),
+    },
+    labels,
+  )
+  for a, b in zip(_steps(ours, params, grads), _steps(hand, params, grads), strict=True):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+
+def test_a_study_of_muon_runs_the_subset_clip_with_muon_only_and_calibrates_it():
+  from clipchain.study.runner import WARMUP_BATCHES, calibrate
+
+  task = _matrix_task()
+  records = run(
+    task,
+    strategies=["none", "global", "global-subset"],
+    optimizers=["muon", "adam"],
+    placements=["before"],
+    lrs=[0.01],
+    seeds=1,
+    steps=10,
+  )
+  main = [r for r in records if not r["sweep"]]
+  ran = {(r["strategy"], r["optimizer"]) for r in main}
+  assert ("global-subset", "muon") in ran and ("global-subset", "adam") not in ran
+  assert ("global", "muon") in ran and all(np.isfinite(r["final_loss"]) for r in main)
+  # The subset's warm-up norm: the median over the warm-up of the biases' global norm, in float64.
+  params = task.init(jax.random.split(jax.random.PRNGKey(0), 3)[0])
+  data_key = jax.random.split(jax.random.PRNGKey(0), 3)[1]
+  norms = []
+  for t in range(WARMUP_BATCHES):
+    g = jax.grad(task.loss)(params, task.batches(data_key, t))
+    biases = [np.asarray(g[k]["bias"], np.float64) for k in ("hidden", "out")]
+    norms.append(math.sqrt(sum(float(np.sum(b**2)) for b in biases)))
+  assert calibrate(task, "muon", "before").subset_norm == pytest.approx(np.median(norms), rel=1e-5)
+  (subset,) = [r for r in main if r["strategy"] == "global-subset"]
+  assert subset["threshold"]["value"] == pytest.approx(np.median(norms), rel=1e-5)

@@ -32,6 +32,7 @@ from clipchain.study.strategies import (
   Strategy,
   applies,
   direction_with_clip,
+  not_orthogonalised,
 )
 from clipchain.study.task import Task
 
@@ -184,18 +185,24 @@ def calibrate(task: Task, optimizer: str, placement: str) -> Calibration:
     # Leaves and values whose gradient is exactly zero at initialisation (behind a zero-initialised
     # readout, say) say nothing about the scale of training: they are left out of the medians.
     nonzero = lambda x: jnp.where(x > 0, x, jnp.nan)
+    subset = jax.tree.map(
+      lambda keep, x: x if keep else jnp.zeros(()), not_orthogonalised(seen), seen
+    )
     return (
       _global_norm(seen),
       jnp.nanmedian(nonzero(leaf_norms)),
       jnp.nanpercentile(nonzero(values), 99.0),
+      _global_norm(subset),
     )
 
   measured = np.array([jax.device_get(measure(t)) for t in range(WARMUP_BATCHES)], np.float64)
   medians = np.median(measured, axis=0)
-  if not np.all(np.isfinite(medians)) or np.any(medians <= 0):
+  # The subset's norm may be zero (a task of matrices only): the subset clip then has nothing to do.
+  if not np.all(np.isfinite(medians)) or np.any(medians[:3] <= 0):
     raise ValueError(
       f"Task {task.name!r}: the warm-up gradients are not finite and positive "
-      f"(median global norm, leaf norm, 99th percentile: {medians.tolist()})."
+      f"(median global norm, leaf norm, 99th percentile, norm of the leaves Muon does not "
+      f"orthogonalise: {medians.tolist()})."
     )
   return Calibration(*(float(m) for m in medians))
 

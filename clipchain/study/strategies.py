@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import optax
 
 import clipchain
@@ -39,6 +40,8 @@ class Calibration:
   global_norm: float
   layer_norm: float
   abs_p99: float
+  #: The median global norm of the leaves Muon does not orthogonalise (:func:`not_orthogonalised`).
+  subset_norm: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,12 @@ class Strategy:
     if not self.fixed:
       return None
     return getattr(calibration, self.scale_of) * multiplier
+
+
+def not_orthogonalised(tree):
+  """The leaves ``optax.contrib.muon`` gives its AdamW (every one that is not a matrix): the mask
+  of the subset clip."""
+  return jax.tree.map(lambda x: x.ndim != 2, tree)
 
 
 def _identity(calibration: Calibration, multiplier: float) -> optax.GradientTransformation:
@@ -171,6 +180,15 @@ STRATEGIES: dict[str, Strategy] = {
       fixed=False,
     ),
     Strategy(
+      "global-subset",
+      lambda c, m: clipchain.clip_by_global_norm(c.subset_norm * m, mask=not_orthogonalised),
+      "clip the global norm of the leaves Muon does not orthogonalise (its AdamW's) at their "
+      "warm-up median, the orthogonalised ones untouched; Muon only",
+      fixed=True,
+      optimizers=("muon",),
+      scale_of="subset_norm",
+    ),
+    Strategy(
       "global+skip",
       lambda c, m: clipchain.clip_by_global_norm(c.global_norm * m),
       "the global clip, with non-finite and 6-sigma spike steps skipped",
@@ -200,16 +218,24 @@ def _adamw() -> optax.GradientTransformation:
   return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4))
 
 
+def _muon() -> optax.GradientTransformation:
+  # optax.contrib.muon ends both of its branches (Muon on matrices, AdamW on the rest) by
+  # scaling by -lr: at lr 1 that is the direction negated.
+  return optax.chain(optax.contrib.muon(1.0), optax.scale(-1.0))
+
+
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "sgd": _sgd,
   "rmsprop": _rmsprop,
   "adam": _adam,
   "adamw": _adamw,
+  "muon": _muon,
 }
 """Each optimizer's direction (the optimizer without its learning rate), as optax builds it.
 
 ``optax.sgd(lr, momentum=0.9)``, ``optax.rmsprop(lr)``, ``optax.adam(lr)``,
-``optax.adamw(lr, weight_decay=1e-4)``.
+``optax.adamw(lr, weight_decay=1e-4)``, ``optax.contrib.muon(lr)`` (Newton-Schulz orthogonalised
+momentum on every matrix, AdamW at the same learning rate on the other leaves).
 """
 
 DEFAULT_LRS: dict[str, tuple[float, ...]] = {
@@ -217,6 +243,7 @@ DEFAULT_LRS: dict[str, tuple[float, ...]] = {
   "rmsprop": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
   "adam": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
   "adamw": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
+  "muon": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
 }
 """Learning-rate grids for a task that gives none of its own: log-spaced, stable to unstable."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -143,11 +144,7 @@ def _cell_key(cell: runner.Cell, calibration) -> str:
     "lrs": cell.lrs,
     "seeds": cell.seeds,
     "steps": cell.steps,
-    "calibration": (
-      None
-      if calibration is None
-      else [calibration.global_norm, calibration.layer_norm, calibration.abs_p99]
-    ),
+    "calibration": (None if calibration is None else dataclasses.astuple(calibration)),
     "clipchain": __version__,
   }
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

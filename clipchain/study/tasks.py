@@ -166,6 +166,7 @@ def rnn_adding(
       "rmsprop": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
       "adam": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
       "adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+      "muon": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
     },
     steps=steps,
     description=(
@@ -366,6 +367,7 @@ def lm(
       "rmsprop": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
       "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
       "adamw": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+      "muon": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     },
     steps=steps,
     description=(
@@ -487,6 +489,7 @@ def heavy_tail(
       "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
       "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
       "adamw": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+      "muon": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     },
     steps=steps,
     description=(
