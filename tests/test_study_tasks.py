@@ -31,7 +31,7 @@ def test_registry():
     t = task(name)
     assert isinstance(t, Task)
     assert t.name == name
-    assert set(t.lrs) == {"sgd", "rmsprop", "adam", "adamw"}
+    assert set(t.lrs) == {"sgd", "rmsprop", "adam", "adamw", "muon"}
     for grid in t.lrs.values():
       assert list(grid) == sorted(grid) and len(grid) >= 4
   with pytest.raises(ValueError, match="rnn-adding"):
