@@ -9,7 +9,8 @@ Two ways, both inside ``jit`` with nothing recompiled:
 
 Every preset works under ``inject_hyperparams`` with its defaults; only ``adaptive_grad_clip``'s
 ``axis`` and ``stacked_axes`` (they choose axes, which must be known when tracing) need
-``static_args=("axis", "stacked_axes")``.
+``static_args=("axis", "stacked_axes")``, and a ``mask=`` callable needs ``static_args=("mask",)``
+(``inject_hyperparams`` would call it as a schedule; clipchain refuses what that gives).
 
   python examples/threshold_schedule.py
 """
