@@ -7,7 +7,7 @@ normalise (:mod:`clipchain.rules`). Statistics are kept in the state and
 collected by :func:`stats`.
 """
 
-from clipchain import granularity, rules, thresholds
+from clipchain import attention, granularity, rules, thresholds
 from clipchain._src.clip_norm import ClipNormState, clip_norm
 from clipchain._src.guards.check import check_guards
 from clipchain._src.guards.nonfinite import SkipNonFiniteState, skip_nonfinite
@@ -28,6 +28,7 @@ from clipchain._src.presets.quantile import quantile_clip
 from clipchain._src.presets.spam import spam_clip
 from clipchain._src.presets.stable_spam import stable_spam_clip
 from clipchain._src.presets.zclip import zclip
+from clipchain._src.qk_clip import QKClipState, qk_clip
 from clipchain._src.second_moment import ClipBySecondMomentState, clip_by_second_moment
 from clipchain._src.stats import stats
 from clipchain._version import __version__
@@ -41,9 +42,11 @@ __all__ = [
   "ClipBySecondMomentState",
   "ClipNormState",
   "MonitorState",
+  "QKClipState",
   "__version__",
   "adagc",
   "adaptive_grad_clip",
+  "attention",
   "autoclip",
   "clip",
   "clip_by_block_rms",
@@ -56,6 +59,7 @@ __all__ = [
   "normalize",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
+  "qk_clip",
   "quantile_clip",
   "rules",
   "spam_clip",

@@ -14,7 +14,7 @@ import yaml
 import clipchain
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = ("granularity", "rules", "study", "thresholds")
+PUBLIC_MODULES = ("attention", "granularity", "rules", "study", "thresholds")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipchain._src.attention import max_logit_attention
 from clipchain.study.task import Task
 
 __all__ = [
@@ -285,7 +286,12 @@ class TinyTransformerLM(nn.Module):
     mask = nn.make_causal_mask(tokens)
     for i in range(self.layers):
       y = nn.LayerNorm(name=f"ln_attn_{i}")(x)
-      x = x + nn.MultiHeadDotProductAttention(self.heads, name=f"attn_{i}")(y, y, mask=mask)
+      # Flax's attention, which also sows each head's largest logit when "intermediates" is
+      # mutable (for QK-Clip and its logs); the outputs are the same bit for bit.
+      attention = nn.MultiHeadDotProductAttention(
+        self.heads, attention_fn=max_logit_attention, name=f"attn_{i}"
+      )
+      x = x + attention(y, y, mask=mask, sow_weights=True)
       y = nn.LayerNorm(name=f"ln_mlp_{i}")(x)
       y = nn.Dense(4 * self.width, name=f"mlp_in_{i}")(y)
       x = x + nn.Dense(self.width, name=f"mlp_out_{i}")(nn.gelu(y))
