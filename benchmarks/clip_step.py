@@ -53,10 +53,21 @@ BASELINE = "adam"
 CONTROL = "adam (control)"
 # Adaptive presets are also compared with the fixed-threshold global clip they build on.
 CLIP_REFERENCE = "clipchain clip + adam"
+# QK-Clip's threshold; the attention workload's logits put half of the heads above it.
+QK_THRESHOLD = 100.0
 
 
 def _adam() -> optax.GradientTransformation:
   return optax.adam(LEARNING_RATE)
+
+
+def _muon() -> optax.GradientTransformation:
+  return optax.contrib.muon(LEARNING_RATE)
+
+
+def _not_matrix(tree):
+  """The leaves optax.contrib.muon gives its AdamW: every one that is not a matrix."""
+  return jax.tree.map(lambda x: x.ndim != 2, tree)
 
 
 def _scanned(path: str, leaf) -> int:
@@ -120,6 +131,14 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "stable_spam_clip + adam": lambda: optax.chain(clipchain.stable_spam_clip(), _adam()),
   # StableAdamW: the gradient and Adam's new second moment read once more.
   "clip_by_second_moment(adam)": lambda: clipchain.clip_by_second_moment(_adam(), b2=0.999),
+  # Muon, and beside it the clip of the leaves it gives its AdamW (mask=): one read of those.
+  "muon": lambda: _muon(),
+  "subset clip + muon": lambda: optax.chain(
+    clipchain.clip_by_global_norm(MAX_NORM, mask=_not_matrix), _muon()
+  ),
+  # QK-Clip after the step: one elementwise pass over the query and key leaves.
+  "qk_clip + adam": lambda: optax.chain(_adam(), clipchain.qk_clip(QK_THRESHOLD)),
+  "qk_clip + muon": lambda: optax.chain(_muon(), clipchain.qk_clip(QK_THRESHOLD)),
   # Guards: the cost of the clip they wrap plus scalars is the target.
   "optax apply_if_finite(clip + adam)": lambda: optax.apply_if_finite(
     optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()), max_consecutive_errors=10
@@ -266,6 +285,72 @@ class TrainStep:
 
 
 # Per-layer transforms on stacked leaves, beside the same transforms blind to the stacking.
+@dataclasses.dataclass(frozen=True)
+class AttentionWorkload(Workload):
+  """``leaves`` transformer blocks of Flax-shaped attention projections (query, key, value:
+  ``(width, heads, head_dim)``; out: ``(heads, head_dim, width)``) and a two-matrix MLP; the step
+  is the optimizer's on given gradients, with the per-head largest logits QK-Clip reads (half of
+  the heads above its threshold)."""
+
+  heads: int = 8
+
+  @property
+  def size(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: self.make_params(0))))
+
+  def describe(self) -> str:
+    width, head_dim = self.shape
+    return (
+      f"{self.size / 1e6:.1f} M params, {self.leaves} blocks of attention ({self.heads} heads of "
+      f"{head_dim}, width {width}) and MLP"
+    )
+
+  def make_params(self, seed: int) -> dict[str, Any]:
+    width, head_dim = self.shape
+    key = jax.random.key(seed)
+    shapes = {
+      "attn": {
+        "query": {"kernel": (width, self.heads, head_dim)},
+        "key": {"kernel": (width, self.heads, head_dim)},
+        "value": {"kernel": (width, self.heads, head_dim)},
+        "out": {"kernel": (self.heads, head_dim, width)},
+      },
+      "mlp_in": {"kernel": (width, 2 * width)},
+      "mlp_out": {"kernel": (2 * width, width)},
+    }
+    leaves, structure = jax.tree.flatten(
+      {f"block_{i}": shapes for i in range(self.leaves)}, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    return jax.tree.unflatten(
+      structure,
+      [jax.random.normal(jax.random.fold_in(key, i), s, self.dtype) for i, s in enumerate(leaves)],
+    )
+
+  def make_inputs(self, seed: int):
+    logits = jnp.linspace(0.0, 2 * QK_THRESHOLD, self.heads)
+    return self.make_params(seed), {f"block_{i}/attn": logits for i in range(self.leaves)}
+
+  def make_step(self, tx: optax.GradientTransformation):
+    def step(params, opt_state, inputs):
+      grads, max_logits = inputs
+      # optax.chain passes max_logits to the transforms that take it, and only to those.
+      chained = optax.chain(tx)
+      updates, (opt_state,) = chained.update(grads, (opt_state,), params, max_logits=max_logits)
+      return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+ATTENTION_VARIANTS = (
+  "clipchain clip + adam",
+  "muon",
+  "subset clip + muon",
+  "qk_clip + adam",
+  "qk_clip + muon",
+)
+# Variants that need a workload of their own (scanned layers, attention projections).
+WORKLOAD_SPECIFIC = ("muon", "subset clip + muon", "qk_clip + adam", "qk_clip + muon")
+
 STACKED_VARIANTS = (
   "clipchain clip + adam",
   "layer clip + adam",
@@ -287,6 +372,8 @@ WORKLOADS = {
   "train": TrainStep("train", vocab=512, width=256, depth=4, heads=4, length=128, batch=16),
   # Scanned layers: 4 leaves stacking 8 layers of 1024x512, as large's bytes.
   "stacked": Workload("stacked", 4, (8, 1024, 512), variants=STACKED_VARIANTS),
+  # Transformer blocks: Muon's matrices beside AdamW's 3-d kernels, QK-Clip's projections.
+  "attention": AttentionWorkload("attention", 4, (512, 64), variants=ATTENTION_VARIANTS),
 }
 # At the --quick sizes (the smoke test and the fusion and temporary budget) every variant runs on
 # the large and many workloads; bfloat16 and the whole train step keep the clips whose structure
@@ -320,6 +407,7 @@ QUICK_WORKLOADS = {
     variants=("optax clip + adam", "clipchain clip + adam", "zclip + adam"),
   ),
   "stacked": Workload("stacked", 4, (4, 32, 16), variants=STACKED_VARIANTS),
+  "attention": AttentionWorkload("attention", 2, (32, 8), variants=ATTENTION_VARIANTS, heads=4),
 }
 
 
@@ -541,7 +629,11 @@ def _for(workload, variants: dict[str, Callable[[], optax.GradientTransformation
   """The variants a workload runs: all, or those it names (the baseline and control always)."""
   chosen = getattr(workload, "variants", None)
   if chosen is None:
-    return {k: v for k, v in variants.items() if not k.startswith("scanned ")}
+    return {
+      k: v
+      for k, v in variants.items()
+      if not k.startswith("scanned ") and k not in WORKLOAD_SPECIFIC
+    }
   return {k: v for k, v in variants.items() if k in (BASELINE, CONTROL, *chosen)}
 
 

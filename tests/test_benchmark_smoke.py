@@ -29,8 +29,12 @@ def test_every_workload_and_variant_is_reported(bench, results):
   assert [w["workload"] for w in results["workloads"]] == list(bench.QUICK_WORKLOADS)
   for w in results["workloads"]:
     chosen = getattr(bench.QUICK_WORKLOADS[w["workload"]], "variants", None)
-    if chosen is None:  # all but the scanned variants, which need stacked leaves
-      chosen = [v for v in bench.VARIANTS if not v.startswith("scanned ")]
+    if chosen is None:  # all but the variants that need stacked leaves or attention projections
+      chosen = [
+        v
+        for v in bench.VARIANTS
+        if not v.startswith("scanned ") and v not in bench.WORKLOAD_SPECIFIC
+      ]
     expected = [v for v in bench.VARIANTS if v == bench.BASELINE or v in chosen]
     assert [v["variant"] for v in w["variants"]] == [*expected, bench.CONTROL]
     assert w["repeats"] == 2
@@ -38,7 +42,7 @@ def test_every_workload_and_variant_is_reported(bench, results):
     assert w["grad_bytes"] == jnp.dtype(workload.dtype).itemsize * workload.size
 
 
-@pytest.mark.parametrize("workload", ["large", "many", "bf16", "train", "stacked"])
+@pytest.mark.parametrize("workload", ["large", "many", "bf16", "train", "stacked", "attention"])
 def test_numbers_are_positive_and_finite(results, workload):
   rows, _ = _rows(results, workload)
   assert rows["adam"]["ratio"] == 1.0
