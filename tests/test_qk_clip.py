@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from harness import flat, nest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -43,23 +44,6 @@ def _reference(params, updates, max_logits, tau, alpha, modules):
   return out
 
 
-def _flat(tree):
-  return {
-    "/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree.leaves_with_path(tree)
-  }
-
-
-def _nest(flat):
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return tree
-
-
 def _attention_params(prefix, d_in, q_heads, kv_heads, head_dim, lead=()):
   return {
     f"{prefix}/query/kernel": _normal(*lead, d_in, q_heads, head_dim),
@@ -89,7 +73,7 @@ FLAT = {
   **_attention_params("scanned/layers/attn", 6, 2, 2, 3, lead=(3,)),
   "embed/embedding": _normal(5, 6),
 }
-PARAMS = _nest(FLAT)
+PARAMS = nest(FLAT)
 LOGITS = {
   # above, below and at the threshold; not finite; negative; grouped: one head of a group binds
   "mha": np.float32([250.0, 40.0]),
@@ -112,19 +96,19 @@ def test_equals_the_float64_rule_step_for_step(maybe_jit, alpha):
   params, state = PARAMS, tx.init(PARAMS)
   expected = {k: np.float64(v) for k, v in FLAT.items()}
   for t in range(4):
-    updates = _nest({k: 0.1 * _normal(*v.shape) for k, v in FLAT.items()})
+    updates = nest({k: 0.1 * _normal(*v.shape) for k, v in FLAT.items()})
     logits = {m: v * (1 + 0.5 * t) for m, v in LOGITS.items()}
     params, _, state = step(params, updates, state, logits)
-    expected = _reference(expected, _flat(updates), logits, tau, alpha, _modules(FLAT))
-    for path, value in _flat(params).items():
+    expected = _reference(expected, flat(updates), logits, tau, alpha, _modules(FLAT))
+    for path, value in flat(params).items():
       np.testing.assert_allclose(value, expected[path], rtol=2e-6, atol=1e-6, err_msg=path)
   assert int(state.count) == 4
 
 
 def test_heads_not_clipped_and_other_leaves_pass_through_bit_for_bit():
-  updates = _nest({k: _normal(*v.shape) for k, v in FLAT.items()})
+  updates = nest({k: _normal(*v.shape) for k, v in FLAT.items()})
   _, out, _ = _step(clipchain.qk_clip(100.0), PARAMS, updates, LOGITS)
-  flat_out, flat_in = _flat(out), _flat(updates)
+  flat_out, flat_in = flat(out), flat(updates)
   for path in ("embed/embedding", "mha/value/kernel", "mha/out/kernel"):
     np.testing.assert_array_equal(flat_out[path], flat_in[path])
   # mha head 1 (40 < tau): its query and key columns untouched; head 0 rescaled.
@@ -141,7 +125,7 @@ def test_heads_not_clipped_and_other_leaves_pass_through_bit_for_bit():
 
 
 def test_statistics():
-  _, _, state = _step(clipchain.qk_clip(100.0), PARAMS, _nest(FLAT), LOGITS)
+  _, _, state = _step(clipchain.qk_clip(100.0), PARAMS, nest(FLAT), LOGITS)
   s = clipchain.stats(state)
   assert float(s["qk_clip/max_logit/mha"]) == 250.0
   assert float(s["qk_clip/max_logit/scanned/layers/attn"]) == np.inf
@@ -158,7 +142,7 @@ def test_statistics():
 
 
 def test_statistics_per_run_under_vmap():
-  params = _nest(_attention_params("attn", 4, 2, 2, 3))
+  params = nest(_attention_params("attn", 4, 2, 2, 3))
   tx = clipchain.qk_clip(10.0)
 
   def run(logits):
@@ -176,7 +160,7 @@ def test_inject_hyperparams_eager_init_and_a_donated_jit_step():
   injected = optax.chain(
     optax.adam(1e-2), optax.inject_hyperparams(clipchain.qk_clip)(threshold=tau, alpha=alpha)
   )
-  updates = _nest({k: _normal(*v.shape) for k, v in FLAT.items()})
+  updates = nest({k: _normal(*v.shape) for k, v in FLAT.items()})
   results = []
   for tx in (plain, injected):
     params = jax.tree.map(jnp.array, PARAMS)
@@ -197,7 +181,7 @@ def test_inject_hyperparams_eager_init_and_a_donated_jit_step():
 
 
 def test_x64_and_bfloat16_params():
-  params = _nest(_attention_params("attn", 4, 2, 2, 3))
+  params = nest(_attention_params("attn", 4, 2, 2, 3))
   logits = {"attn": jnp.array([400.0, 1.0])}
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
@@ -269,7 +253,7 @@ def test_bad_arguments_are_refused_at_construction(kwargs, error, match):
 
 
 @pytest.mark.parametrize(
-  "flat, kwargs, match",
+  "leaves, kwargs, match",
   [
     ({"dense/kernel": np.zeros((2, 2))}, {}, "no leaf path matches"),
     ({"attn/query/kernel": np.zeros((4, 2, 3))}, {}, "key leaves missing"),
@@ -282,13 +266,13 @@ def test_bad_arguments_are_refused_at_construction(kwargs, error, match):
     ),
   ],
 )
-def test_trees_it_cannot_clip_are_refused_at_init(flat, kwargs, match):
+def test_trees_it_cannot_clip_are_refused_at_init(leaves, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    clipchain.qk_clip(**kwargs).init(_nest(flat))
+    clipchain.qk_clip(**kwargs).init(nest(leaves))
 
 
 def test_update_refuses_what_would_give_a_wrong_number():
-  params = _nest(_attention_params("attn", 4, 2, 2, 3))
+  params = nest(_attention_params("attn", 4, 2, 2, 3))
   tx = clipchain.qk_clip()
   state = tx.init(params)
   with pytest.raises(ValueError, match="max_logits="):
@@ -308,7 +292,7 @@ def test_update_refuses_what_would_give_a_wrong_number():
 
 
 def test_non_finite_logits_leave_the_parameters_finite():
-  params = _nest(_attention_params("attn", 4, 2, 2, 3))
+  params = nest(_attention_params("attn", 4, 2, 2, 3))
   new, _, _ = _step(clipchain.qk_clip(), params, params, {"attn": jnp.array([jnp.nan, jnp.inf])})
   for leaf in jax.tree.leaves(new):
     assert np.all(np.isfinite(leaf))
@@ -412,7 +396,7 @@ def _mesh(shape, names):
 
 
 def test_jit_with_fsdp_shardings_equals_one_device():
-  params = _nest(_attention_params("attn", 8, 4, 2, 3))
+  params = nest(_attention_params("attn", 8, 4, 2, 3))
   updates = jax.tree.map(lambda x: 0.1 * x, params)
   logits = {"attn": jnp.array([300.0, 20.0, 150.0, 90.0])}
   tx = clipchain.qk_clip()
@@ -433,7 +417,7 @@ def test_jit_with_fsdp_shardings_equals_one_device():
 def test_shard_map_over_heads_and_over_the_batch():
   from jax import shard_map
 
-  params = _nest(_attention_params("attn", 6, 4, 4, 3))
+  params = nest(_attention_params("attn", 6, 4, 4, 3))
   updates = jax.tree.map(lambda x: 0.1 * x, params)
   logits = jnp.array([300.0, 20.0, 150.0, 90.0])
   tx = clipchain.qk_clip()

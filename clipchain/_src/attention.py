@@ -62,14 +62,12 @@ def max_logit_attention(
     (2,)
   """
   recorded = []
-  if qk_attn_weights_einsum is None:
-    qk_attn_weights_einsum = functools.partial(
-      jnp.einsum, precision=precision, _dot_general=einsum_dot_general or jax.lax.dot_general
-    )
-  if attn_weights_value_einsum is None:
-    attn_weights_value_einsum = functools.partial(
-      jnp.einsum, precision=precision, _dot_general=einsum_dot_general or jax.lax.dot_general
-    )
+  # Flax's own default einsum, for whichever of the two the caller did not give.
+  default_einsum = functools.partial(
+    jnp.einsum, precision=precision, _dot_general=einsum_dot_general or jax.lax.dot_general
+  )
+  qk_attn_weights_einsum = qk_attn_weights_einsum or default_einsum
+  attn_weights_value_einsum = attn_weights_value_einsum or default_einsum
 
   def recording_einsum(*args, **kwargs):
     out = qk_attn_weights_einsum(*args, **kwargs)

@@ -283,6 +283,7 @@ def qk_clip(
     tau = jnp.asarray(threshold, jnp.float32)
     share = jnp.asarray(alpha, jnp.float32)
 
+    leaves = jax.tree.leaves(updates)
     factors = {}  # module -> (query factor, key factor), each (*stacked, heads)
     module_max, clipped, heads_total = [], jnp.zeros((), jnp.float32), 0
     given = [jnp.asarray(logits_by_module[m], jnp.float32) for m in state.modules]
@@ -291,7 +292,7 @@ def qk_clip(
     reduced = distributed.max_across(given, given, axis_names)
     for module, logits in zip(state.modules, reduced):
       gamma = _head_factors(logits, tau)
-      key_heads = _key_heads(found, updates, module, heads_at)
+      key_heads = _key_heads(found, leaves, module, heads_at)
       if logits.ndim == 0 or gamma.shape[-1] % key_heads:
         raise ValueError(
           f"{owner}: max_logits[{module!r}] has shape {logits.shape}; its last axis must be the "
@@ -303,7 +304,6 @@ def qk_clip(
       clipped = clipped + jnp.sum(gamma < 1.0)
       heads_total += gamma.size
 
-    leaves = jax.tree.leaves(updates)
     param_leaves = jax.tree.leaves(params)
     if len(param_leaves) != len(leaves):
       raise ValueError(f"{owner}: params and updates have different numbers of leaves.")
@@ -329,8 +329,7 @@ def qk_clip(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _key_heads(found, updates, module: str, head_axis: int) -> int:
-  leaves = jax.tree.leaves(updates)
+def _key_heads(found, leaves, module: str, head_axis: int) -> int:
   index = next(p.position for p in found if p.module == module and not p.is_query)
   return jnp.shape(leaves[index])[head_axis]
 
