@@ -61,14 +61,72 @@ def test_steps_to_target_uses_the_trailing_ten_step_mean():
   assert metrics.steps_to_target(np.ones(5), 2.0) is None  # shorter than one window
 
 
-def test_spike_count_counts_onsets_against_the_trailing_median():
+def test_spike_count_counts_onsets_against_the_recent_spread():
   loss = np.ones(25)
   spiky = np.concatenate([loss, [3.0, 3.0, 1.0, 1.0, 5.0, 1.0]])
   assert metrics.spike_count(spiky) == 2  # 3, 3 is one spike (consecutive); 5 another
-  assert metrics.spike_count(np.concatenate([loss, [1.9]])) == 0  # below 2 x median
+  # A flat run's floor is 0.1 x 1e-3 x |initial loss|: a rise of 5e-5 is not a spike, 2e-4 is.
+  assert metrics.spike_count(np.concatenate([loss, [1.00005]])) == 0
+  assert metrics.spike_count(np.concatenate([loss, [1.0002]])) == 1
   assert metrics.spike_count(np.concatenate([loss, [np.nan, np.nan]])) == 1
   # Within the first 20 steps nothing is judged.
   assert metrics.spike_count(np.array([1.0] * 5 + [100.0] + [1.0] * 5)) == 0
+
+
+def _settled_run(seed=0, level=0.034, steps=600):
+  """A loss falling from 0.17 to ``level`` with 15 % multiplicative batch noise: the shape of the
+  default study's best SGD runs, which the old rule (2 x the trailing median) counted as ~100
+  spikes."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(steps)
+  clean = level + (0.17 - level) * np.exp(-t / 80.0)
+  return clean * (1.0 + 0.15 * rng.standard_normal(steps))
+
+
+def test_noise_around_a_settled_loss_is_not_a_spike_and_a_real_one_is():
+  for seed in range(5):
+    loss = _settled_run(seed)
+    assert metrics.spike_count(loss) == 0
+    loss[400] = 0.12  # the loss jumps back most of the way to where it started
+    assert metrics.spike_count(loss) == 1
+    assert np.flatnonzero(metrics.spike_steps(loss)).tolist() == [400]
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0, -100.0])
+def test_spikes_and_divergence_hold_for_negative_and_zero_losses(shift):
+  """``0.01 * mse - 1`` falling from -0.923 to -0.999 neither diverges nor spikes (the old rules:
+  diverged, one spike); a real spike is found wherever the loss sits."""
+  loss = 0.01 * _settled_run(1) * 45.0 + shift
+  assert not metrics.diverged(loss)
+  assert metrics.spike_count(loss) == 0
+  spiked = loss.copy()
+  spiked[300] = loss[0]
+  assert metrics.spike_count(spiked) == 1
+  rising = np.linspace(0.0, 1.0, 50) * 3.0 * max(abs(loss[0]), 1.0) + loss[0]
+  assert metrics.diverged(rising)
+
+
+@pytest.mark.parametrize(
+  "loss, expected",
+  [
+    ([0.0, 0.0, 0.0], False),  # a zero loss that stays zero
+    ([0.0, -1.0, -2.0], False),  # learns below zero
+    ([-1.0, -0.5, -0.1], False),  # rises, but by less than |initial|
+    ([-1.0, 0.0, 0.5], True),  # rises by more than |initial|
+    ([0.0, 0.1], True),  # from zero, any rise
+  ],
+)
+def test_divergence_of_losses_that_are_zero_or_negative(loss, expected):
+  assert metrics.diverged(np.array(loss)) is expected
+
+
+def test_over_clipped_needs_a_binding_clip_and_a_worse_loss_than_the_unclipped_run():
+  # The unclipped run went from 1.0 to 0.2 (progress 0.8); 10 % of it is 0.08.
+  assert metrics.over_clipped(0.95, 1.0, 0.3, 0.2, False)
+  assert not metrics.over_clipped(0.95, 1.0, 0.25, 0.2, False)  # within 0.08
+  assert not metrics.over_clipped(0.5, 1.0, 0.9, 0.2, False)  # binds on half the steps only
+  assert not metrics.over_clipped(1.0, 1.0, 0.9, 0.2, True)  # the unclipped run diverged
+  assert not metrics.over_clipped(1.0, 1.0, None, 0.2, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +387,7 @@ def test_help_documents_every_option_with_its_default(capsys):
   ):
     assert option in text
   assert "(default: both)" in text and "(default: clipchain-study)" in text
-  assert "(default: 2)" in text  # seeds
+  assert "(default: 3)" in text  # seeds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,3 +632,148 @@ def test_a_study_of_muon_runs_the_subset_clip_with_muon_only_and_calibrates_it()
   assert calibrate(task, "muon", "before").subset_norm == pytest.approx(np.median(norms), rel=1e-5)
   (subset,) = [r for r in main if r["strategy"] == "global-subset"]
   assert subset["threshold"]["value"] == pytest.approx(np.median(norms), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# What an adversarial user tried: each failure of the study's files, inputs and resumption.
+
+_TINY = dict(strategies=["none"], optimizers=["sgd"], lrs=[0.01], seeds=1, steps=5)
+
+
+def test_a_users_files_inside_plots_and_curves_are_left_alone(tmp_path):
+  out = tmp_path / "d"
+  (out / "plots").mkdir(parents=True)
+  (out / "curves").mkdir()
+  (out / "plots" / "mine.png").write_text("x")
+  (out / "curves" / "mine.npz").write_text("y")
+  run(_line_task(), out=out, **_TINY)
+  run(_line_task(), out=out, **_TINY)  # replaces only what the first study wrote
+  assert (out / "plots" / "mine.png").read_text() == "x"
+  assert (out / "curves" / "mine.npz").read_text() == "y"
+  files = json.loads((out / "results.json").read_text())["meta"]["files"]
+  assert "plots/mine.png" not in files and "results.json" in files
+  # A study that writes fewer files removes the previous study's stale ones, and only those.
+  run(_line_task(), out=out, **{**_TINY, "strategies": ["none", "global"]})
+  assert (out / "curves" / "line__sgd__global__before.npz").is_file()
+  run(_line_task(), out=out, **_TINY)
+  assert not (out / "curves" / "line__sgd__global__before.npz").exists()
+  assert (out / "curves" / "mine.npz").read_text() == "y"
+
+
+def test_a_users_file_where_the_study_would_write_is_refused_and_kept(tmp_path):
+  out = tmp_path / "d"
+  (out / "plots").mkdir(parents=True)
+  (out / "plots" / "line-stability.png").write_text("mine")
+  with pytest.raises(ValueError, match=r"holds plots/line-stability.png, not written by a study"):
+    run(_line_task(), out=out, **_TINY)
+  assert (out / "plots" / "line-stability.png").read_text() == "mine"
+  assert not (out / "results.json").exists()
+  (out / "report.md").write_text("my report")
+  with pytest.raises(ValueError, match=r"holds report.md, not written by a study"):
+    run(_line_task(), out=tmp_path / "d", **_TINY)  # refused before training
+  assert (out / "report.md").read_text() == "my report"
+
+
+def test_an_empty_out_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as exit_info:
+    main(["study", "--quick", "--out", ""])
+  assert exit_info.value.code == 2
+  assert "--out" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == []
+  with pytest.raises(ValueError, match=r"out must name a directory, got ''"):
+    run(_line_task(), out="", **_TINY)
+
+
+def test_a_grid_with_no_runnable_cell_exits_2_naming_why(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as exit_info:
+    main(["study", "--strategies", "stable-adamw", "--optimizers", "sgd", "--out", "o"])
+  assert exit_info.value.code == 2
+  err = " ".join(capsys.readouterr().err.split())
+  assert "nothing to run" in err and "stable-adamw runs with adam, adamw after only" in err
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_study_into_an_out_in_use_is_refused(tmp_path):
+  out = tmp_path / "d"
+  out.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    import socket
+
+    lock = {"pid": holder.pid, "host": socket.gethostname()}
+    (out / ".clipchain-lock").write_text(json.dumps(lock))
+    with pytest.raises(ValueError, match=rf"in use by another study \(process {holder.pid}"):
+      run(_line_task(), out=out, **_TINY)
+    assert sorted(p.name for p in out.iterdir()) == [".clipchain-lock"]
+  finally:
+    holder.kill()
+    holder.wait()
+  # The process holding it has ended: the lock is stale, taken over and removed afterwards.
+  run(_line_task(), out=out, **_TINY)
+  assert (out / "results.json").is_file() and not (out / ".clipchain-lock").exists()
+
+
+def test_resume_recomputes_cells_of_a_task_that_changed_under_its_name(tmp_path, monkeypatch):
+  kwargs = dict(strategies=["none", "global"], optimizers=["sgd"], lrs=[0.01], seeds=1, steps=10)
+  out = tmp_path / "study"
+  executed = []
+  real = runner_lib.execute_cell
+
+  def interrupted_after_one(cell, *args):
+    if executed:
+      raise KeyboardInterrupt
+    executed.append(cell.name)
+    return real(cell, *args)
+
+  monkeypatch.setattr(runner_lib, "execute_cell", interrupted_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    run_study([_line_task()], out=out, **kwargs)
+  monkeypatch.setattr(runner_lib, "execute_cell", real)
+  # The same name, a loss 100 times larger: the finished cell is stale.
+  changed = _line_task(loss=lambda p, b: 100.0 * jnp.mean((b[0] @ p["w"] + p["b"] - b[1]) ** 2))
+  records, meta = run_study([changed], out=out, resume=True, **kwargs)
+  initial = {r["strategy"]: r["initial_loss"] for r in records}
+  assert initial["none"] == pytest.approx(initial["global"])
+  fresh, _ = run_study([changed], **kwargs)
+  assert _comparable(records) == _comparable(fresh)
+  assert (
+    meta["tasks"]["line"]["fingerprint"]
+    != run_study([_line_task()], **kwargs)[1]["tasks"]["line"]["fingerprint"]
+  )
+
+
+def test_batches_that_are_not_a_pure_function_of_key_and_step_are_refused():
+  data = iter([(jnp.ones((8, 4)), jnp.ones(8))] * 3)
+  with pytest.raises(TypeError, match=r"pure JAX function of \(key, step\)"):
+    run(_line_task(batches=lambda key, step: next(data)), **_TINY)
+  counter = iter(range(10**6))
+  with pytest.raises(TypeError, match=r"two calls with the same key and step 0 gave different"):
+    run(_line_task(batches=lambda key, step: (jnp.ones((8, 4)) * next(counter), jnp.ones(8))),
+        **_TINY)  # fmt: skip
+  exhausted = iter([])
+  with pytest.raises(TypeError, match=r"raised StopIteration \(a Python iterator"):
+    run(_line_task(batches=lambda key, step: next(exhausted)), **_TINY)
+  xs = jax.random.normal(jax.random.PRNGKey(1), (5, 8, 4))
+  past_end = lambda key, step: (xs[step], xs[step] @ jnp.ones(4))
+  with pytest.raises(ValueError, match=r"same at steps 28 and 29.*index an array past its end"):
+    run(_line_task(batches=past_end), **{**_TINY, "steps": 30})
+  # One fixed batch for every step (full-batch training) is a pure function: accepted.
+  fixed = lambda key, step: (xs[0], xs[0] @ jnp.ones(4))
+  assert run(_line_task(batches=fixed), **_TINY)[0]["final_loss"] is not None
+
+
+def test_strategies_may_be_strategy_objects_of_ones_own():
+  import optax
+
+  from clipchain.study.strategies import Strategy
+
+  halve = Strategy("halve", lambda c, m: optax.scale(0.5), "halve every gradient", fixed=False)
+  records = run(_line_task(), strategies=["none", halve], optimizers=["sgd"], lrs=[0.01], seeds=1,
+                steps=10)  # fmt: skip
+  assert {r["strategy"] for r in records} == {"none", "halve"}
+  with pytest.raises(TypeError, match=r"strategies must hold names or Strategy objects, got 3"):
+    run(
+      _line_task(), strategies=["none", 3], **{k: v for k, v in _TINY.items() if k != "strategies"}
+    )

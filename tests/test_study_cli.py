@@ -22,7 +22,8 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORD_FIELDS = {
   "task", "strategy", "placement", "optimizer", "lr", "seed", "threshold", "sweep", "steps",
   "initial_loss", "final_loss", "best_loss", "eval_loss", "diverged", "steps_to_target",
-  "spike_count", "clipped_fraction", "skipped_steps", "steps_per_second", "step_cost", "curves",
+  "spike_count", "clipped_fraction", "over_clipped", "skipped_steps", "steps_per_second",
+  "step_cost", "curves",
 }  # fmt: skip
 TIMING = {"steps_per_second", "step_cost"}
 
@@ -73,7 +74,9 @@ def test_quick_study_writes_every_output(quick):
     assert record["placement"] == "before" and record["optimizer"] == "sgd"
     path = out / record["curves"]["file"]
     with np.load(path) as curves:
-      assert set(curves.files) == {"loss", "norm", "threshold", "clipped", "skipped", "lr", "seed"}
+      assert set(curves.files) == {
+        "loss", "norm", "threshold", "clipped", "skipped", "lr", "seed", "eval_loss",
+      }  # fmt: skip
       assert curves["loss"].shape[1] == record["steps"]
   text = (out / "report.md").read_text()
   for link in __import__("re").findall(r"\]\((plots/[^)]+)\)", text):

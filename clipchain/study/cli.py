@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import math
 import os
-import pathlib
 import sys
 from typing import Any
 
@@ -108,7 +107,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     "stable to unstable)",
   )
   study.add_argument(
-    "--seeds", type=_positive_int, metavar="N", help="seeds per learning rate (default: 2)"
+    "--seeds", type=_positive_int, metavar="N", help="seeds per learning rate (default: 3)"
   )
   study.add_argument(
     "--steps",
@@ -118,11 +117,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   )
   study.add_argument(
     "--out",
-    type=pathlib.Path,
-    default=pathlib.Path("clipchain-study"),
+    default="clipchain-study",
     metavar="DIR",
-    help="output directory; only the study's own files in it are replaced (default: "
-    "clipchain-study)",
+    help="output directory; only files a study wrote are ever replaced, and a second study into "
+    "it while one runs is refused (default: clipchain-study)",
   )
   size = study.add_mutually_exclusive_group()
   size.add_argument(
@@ -150,6 +148,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 def _options(args) -> dict:
   """The study's options: the defaults, those of --quick or --full, then what was given."""
   from clipchain.study.strategies import SWEEP_MULTIPLIERS
+  from clipchain.study.study import DEFAULT_SEEDS
   from clipchain.study.tasks import TASKS
 
   options: dict[str, Any] = {
@@ -158,7 +157,7 @@ def _options(args) -> dict:
     "optimizers": DEFAULT_OPTIMIZERS,
     "placements": PLACEMENTS if DEFAULT_PLACEMENT == "both" else (DEFAULT_PLACEMENT,),
     "lrs": None,
-    "seeds": 2,
+    "seeds": DEFAULT_SEEDS,
     "steps": None,
     "sweep": SWEEP_MULTIPLIERS,
   }
@@ -227,7 +226,7 @@ def study(args, parser) -> int:
     "full": args.full,
   }
   try:
-    records, _ = run_study(
+    records, meta = run_study(
       tasks,
       **options,
       out=out,
@@ -242,8 +241,11 @@ def study(args, parser) -> int:
       file=sys.stderr,
     )
     return 130
+  except (ValueError, TypeError) as error:
+    # Everything run_study refuses is refused before anything is trained or written.
+    parser.error(str(error))
   if jax.process_index() == 0:
-    print(report.summary_table(records))
+    print(report.summary_table(records, meta))
     print(f"\nReport: {out / 'report.html'} (and report.md, results.json, curves/)")
   return 0
 

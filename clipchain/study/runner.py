@@ -9,6 +9,8 @@ a run's steps are a ``lax.scan``: the host waits once per cell, never inside a r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 import time
@@ -25,15 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 import clipchain
 from clipchain.study import metrics
-from clipchain.study.strategies import (
-  OPTIMIZERS,
-  STRATEGIES,
-  Calibration,
-  Strategy,
-  applies,
-  direction_with_clip,
-  not_orthogonalised,
-)
+from clipchain.study.record import CurvesRef, RunRecord, Threshold
+from clipchain.study.strategies import OPTIMIZERS, Calibration, Strategy, not_orthogonalised
 from clipchain.study.task import Task
 
 #: Batches at the initial parameters from which fixed thresholds are calibrated.
@@ -71,6 +66,13 @@ class Cell:
     suffix = f"-x{self.multiplier:g}" if self.sweep else ""
     return f"{file_safe(self.task.name)}__{self.optimizer}__{strategy}{suffix}__{self.placement}"
 
+  @property
+  def program(self) -> tuple:
+    """What determines the cell's numbers: cells with the same program are computed once (the
+    baseline's runs are the same in either placement)."""
+    placement = None if self.strategy.baseline else self.placement
+    return (self.task.name, self.strategy.name, self.optimizer, placement, self.multiplier)
+
   def runs(self) -> tuple[np.ndarray, np.ndarray]:
     """The learning rate and seed of each run, learning rate major."""
     lr, seed = np.meshgrid(np.asarray(self.lrs, np.float32), np.arange(self.seeds), indexing="ij")
@@ -79,9 +81,9 @@ class Cell:
 
 @dataclasses.dataclass
 class CellResult:
-  """What a cell produced: its records and its per-step curves (arrays of shape [runs, steps])."""
+  """What a cell produced: its per-step curves (arrays of shape [runs, steps]; ``lr``, ``seed``
+  and ``eval_loss`` of shape [runs]) and the seconds its runs took, compile excluded."""
 
-  records: list[dict]
   curves: dict[str, np.ndarray]
   seconds: float
 
@@ -114,8 +116,8 @@ def _find(tree, key):
 
 
 def _chain(cell: Cell, calibration: Calibration | None) -> optax.GradientTransformation:
-  return direction_with_clip(
-    cell.strategy, cell.optimizer, cell.placement, calibration, cell.multiplier, _norm_probe()
+  return cell.strategy.transform(
+    cell.optimizer, cell.placement, calibration, cell.multiplier, _norm_probe()
   )
 
 
@@ -269,7 +271,7 @@ def _global_input(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def execute_cell(cell: Cell, calibration: Calibration, compiled, padded: int) -> CellResult:
-  """Runs a compiled cell and turns its curves into records (see :func:`records_of`)."""
+  """Runs a compiled cell; returns its curves (see :class:`CellResult`)."""
   lr, seed = cell.runs()
   sharding = NamedSharding(_mesh(), P("runs"))
   inputs = (_global_input(_pad(lr, padded), sharding), _global_input(_pad(seed, padded), sharding))
@@ -280,46 +282,62 @@ def execute_cell(cell: Cell, calibration: Calibration, compiled, padded: int) ->
     curves, eval_loss = multihost_utils.process_allgather((curves, eval_loss), tiled=True)
   curves = {k: np.asarray(v)[: len(lr)] for k, v in curves.items()}
   curves["lr"], curves["seed"] = lr, seed
-  eval_loss = np.asarray(eval_loss)[: len(lr)]
-  return CellResult(records_of(cell, calibration, curves, eval_loss, seconds), curves, seconds)
+  curves["eval_loss"] = np.asarray(eval_loss)[: len(lr)]
+  return CellResult(curves, seconds)
 
 
-def records_of(cell, calibration, curves, eval_loss, seconds) -> list[dict]:
-  """One ``results.json`` record per run of a cell (``step_cost`` is filled in by the study)."""
-  records = []
+def records_of(
+  cell: Cell,
+  calibration: Calibration | None,
+  result: CellResult,
+  baseline: CellResult | None,
+) -> list[RunRecord]:
+  """One :class:`RunRecord` per run of a cell, learning rate major.
+
+  ``baseline`` is the unclipped cell with the same task, optimizer and learning rates (None when
+  none was run): the runs' ``step_cost`` and ``over_clipped`` are measured against its runs.
+  """
+  curves = result.curves
   # The learning rates as given, not their float32 copies in the curves.
   runs = [(lr, seed) for lr in cell.lrs for seed in range(cell.seeds)]
+  value = cell.strategy.threshold(calibration, cell.multiplier) if calibration else None
+  threshold = Threshold(cell.strategy.rule, value, cell.multiplier if cell.strategy.fixed else None)
+  records = []
   for i, (lr, seed) in enumerate(runs):
     loss = curves["loss"][i]
-    value = cell.strategy.threshold(calibration, cell.multiplier)
+    initial, final = metrics.finite_or_none(loss[0]), metrics.final_loss(loss)
+    clipped = float(np.mean(curves["clipped"][i]))
+    over = False
+    if baseline is not None and not cell.strategy.baseline:
+      reference = baseline.curves["loss"][i]
+      over = metrics.over_clipped(
+        clipped, initial, final, metrics.final_loss(reference), metrics.diverged(reference)
+      )
     records.append(
-      {
-        "task": cell.task.name,
-        "strategy": cell.strategy.name,
-        "placement": cell.placement,
-        "optimizer": cell.optimizer,
-        "lr": float(lr),
-        "seed": int(seed),
-        "threshold": {
-          "rule": cell.strategy.rule,
-          "value": value,
-          "multiplier": cell.multiplier if cell.strategy.fixed else None,
-        },
-        "sweep": cell.sweep,
-        "steps": cell.steps,
-        "initial_loss": metrics.finite_or_none(loss[0]),
-        "final_loss": metrics.final_loss(loss),
-        "best_loss": metrics.best_loss(loss),
-        "eval_loss": metrics.finite_or_none(eval_loss[i]),
-        "diverged": metrics.diverged(loss),
-        "steps_to_target": metrics.steps_to_target(loss, cell.task.target_loss),
-        "spike_count": metrics.spike_count(loss),
-        "clipped_fraction": float(np.mean(curves["clipped"][i])),
-        "skipped_steps": int(np.sum(curves["skipped"][i])),
-        "steps_per_second": cell.steps * len(curves["lr"]) / seconds,
-        "step_cost": None,
-        "curves": {"file": f"curves/{cell.name}.npz", "index": i},
-      }
+      RunRecord(
+        task=cell.task.name,
+        strategy=cell.strategy.name,
+        placement=cell.placement,
+        optimizer=cell.optimizer,
+        lr=float(lr),
+        seed=int(seed),
+        threshold=threshold,
+        sweep=cell.sweep,
+        steps=cell.steps,
+        initial_loss=initial,
+        final_loss=final,
+        best_loss=metrics.best_loss(loss),
+        eval_loss=metrics.finite_or_none(curves["eval_loss"][i]),
+        diverged=metrics.diverged(loss),
+        steps_to_target=metrics.steps_to_target(loss, cell.task.target_loss),
+        spike_count=metrics.spike_count(loss),
+        clipped_fraction=clipped,
+        over_clipped=over,
+        skipped_steps=int(np.sum(curves["skipped"][i])),
+        steps_per_second=cell.steps * len(runs) / result.seconds if result.seconds > 0 else None,
+        step_cost=None if baseline is None else result.seconds / baseline.seconds,
+        curves=CurvesRef(f"curves/{cell.name}.npz", i),
+      )
     )
   return records
 
@@ -327,7 +345,7 @@ def records_of(cell, calibration, curves, eval_loss, seconds) -> list[dict]:
 def cells_for(
   task: Task,
   *,
-  strategies: Sequence[str],
+  strategies: Sequence[Strategy],
   optimizers: Sequence[str],
   placements: Sequence[str],
   lrs: dict[str, tuple[float, ...]],
@@ -335,19 +353,45 @@ def cells_for(
   steps: int,
   sweep: Sequence[float],
 ) -> list[Cell]:
-  """Every cell of a task, ``none`` first in each (optimizer, placement) so costs compare to it."""
+  """Every cell of a task, the baseline first in each (optimizer, placement) so that costs compare
+  with it."""
   cells = []
-  ordered = sorted(strategies, key=lambda s: s != "none")
+  ordered = sorted(strategies, key=lambda s: not s.baseline)
   for optimizer in optimizers:
     for placement in placements:
-      for name in ordered:
+      for strategy in ordered:
         multipliers: tuple[float, ...] = (1.0,)
-        if name == "global" and placement == "before":
+        if strategy.swept and placement == "before":
           multipliers = tuple(sorted(set(sweep) | {1.0}))
-        if not applies(STRATEGIES[name], optimizer, placement):
+        if not strategy.applies(optimizer, placement):
           continue
         for m in multipliers:
-          cells.append(
-            Cell(task, STRATEGIES[name], optimizer, placement, m, lrs[optimizer], seeds, steps)
-          )
+          cells.append(Cell(task, strategy, optimizer, placement, m, lrs[optimizer], seeds, steps))
   return cells
+
+
+def fingerprint(task: Task) -> str:
+  """What a task's numbers depend on, hashed: ``--resume`` reuses a cell only when it matches.
+
+  Its settings (name, target, grids, steps, description), its parameters' shapes and dtypes, and
+  the loss of seed 0's initial parameters on its first batch, which changes when the model, the loss
+  or the data do, even under the same name.
+  """
+  init_key, data_key, _ = jax.random.split(jax.random.PRNGKey(0), 3)
+
+  @jax.jit
+  def first_loss():
+    params = task.init(init_key)
+    return task.loss(params, task.batches(data_key, jnp.int32(0))).astype(jnp.float32)
+
+  shapes = jax.eval_shape(task.init, init_key)
+  spec = {
+    "name": task.name,
+    "target_loss": task.target_loss,
+    "lrs": {k: list(v) for k, v in sorted(task.lrs.items())},
+    "steps": task.steps,
+    "description": task.description,
+    "params": str(jax.tree.map(lambda x: (x.shape, str(x.dtype)), shapes)),
+    "first_loss": float(np.asarray(first_loss())).hex(),
+  }
+  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

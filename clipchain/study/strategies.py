@@ -66,16 +66,96 @@ class Strategy:
   optimizers: tuple[str, ...] | None = None
   #: The :class:`Calibration` field a fixed threshold is a multiple of (what ``build`` scales).
   scale_of: str = "global_norm"
+  #: The unclipped reference every other strategy is compared with (``none``): one per study, its
+  #: runs the same in either placement.
+  baseline: bool = False
+  #: Its fixed threshold is also run at the multiples of :data:`SWEEP_MULTIPLIERS` (placement
+  #: before), for the report's threshold sweep.
+  swept: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise TypeError(f"Strategy name must be a non-empty string, got {self.name!r}.")
+    if not callable(self.build):
+      raise TypeError(f"Strategy {self.name!r}: build must be callable, got {self.build!r}.")
     if self.fixed:
       object.__setattr__(self, "calibrated", True)
+
+  def applies(self, optimizer: str, placement: str) -> bool:
+    """Whether the strategy is run with ``optimizer`` in ``placement`` (see the attributes)."""
+    if self.optimizers is not None and optimizer not in self.optimizers:
+      return False
+    return not (self.wraps_optimizer and placement != "after")
+
+  def transform(
+    self,
+    optimizer: str,
+    placement: str,
+    calibration: Calibration | None,
+    multiplier: float = 1.0,
+    probe: optax.GradientTransformation | None = None,
+  ) -> optax.GradientTransformation:
+    """The chain a run applies before its ``-lr`` scale: the clip, placed, around the direction.
+
+    ``probe``, when given, is put right where the clip reads its input (first for a clip before the
+    optimizer, after the direction for one after it), to record what the clip sees.
+    """
+    direction = OPTIMIZERS[optimizer]()
+    seen = [] if probe is None else [probe]
+    if self.wraps_optimizer:
+      # Update clipping relative to the optimizer's own state: it wraps the direction (and reads
+      # its b2 from it).
+      return clipchain.clip_by_second_moment(optax.chain(direction, *seen))
+    clip = self.build(calibration, multiplier)  # type: ignore[arg-type]  # None: not calibrated
+    if placement == "before":
+      chain = optax.chain(*seen, clip, direction)
+    else:
+      chain = optax.chain(direction, *seen, clip)
+    if self.guard:
+      chain = clipchain.skip_spikes(clipchain.skip_nonfinite(chain))
+    return chain
 
   def threshold(self, calibration: Calibration, multiplier: float) -> float | None:
     """The fixed threshold this strategy uses, or None for an adaptive one."""
     if not self.fixed:
       return None
     return getattr(calibration, self.scale_of) * multiplier
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperComparison:
+  """A published claim about strategies that the study tests in miniature, where it runs them.
+
+  Attributes:
+    title: The method and paper, for the report's heading.
+    claim: What the paper found, in one sentence.
+    ordering: Strategy names, best first: each should have no more diverged runs, and no more
+      spikes per run, than the next, at the learning rates where the last one is unstable.
+    optimizers: The optimizers the claim is about.
+    placement: Where the clips sit.
+  """
+
+  title: str
+  claim: str
+  ordering: tuple[str, ...]
+  optimizers: tuple[str, ...]
+  placement: str = "before"
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+PAPER_COMPARISONS = (
+  PaperComparison(
+    title="ZClip (Kumar et al. 2025)",
+    claim="On a 1B LLaMA trained with AdamW at lr 3e-3, training without clipping and with a fixed "
+    "global-norm clip diverged, and ZClip's z-score clip did not; at every learning rate ZClip had "
+    "the fewest loss spikes.",
+    ordering=("zclip", "global", "none"),
+    optimizers=("adam", "adamw"),
+  ),
+)
+"""The published orderings the report checks (see :class:`PaperComparison`)."""
 
 
 def not_orthogonalised(tree):
@@ -92,7 +172,7 @@ def _identity(calibration: Calibration, multiplier: float) -> optax.GradientTran
 STRATEGIES: dict[str, Strategy] = {
   s.name: s
   for s in (
-    Strategy("none", _identity, "no clipping", fixed=False),
+    Strategy("none", _identity, "no clipping", fixed=False, baseline=True),
     Strategy(
       "value",
       lambda c, m: clipchain.clip(c.abs_p99 * m),
@@ -106,6 +186,7 @@ STRATEGIES: dict[str, Strategy] = {
       "clip the global norm at the warm-up median global norm",
       fixed=True,
       global_threshold=True,
+      swept=True,
     ),
     Strategy(
       "layer",
@@ -256,29 +337,10 @@ def direction_with_clip(
   multiplier: float,
   probe: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
-  """The chain a run applies before its ``-lr`` scale: the clip, placed, around the direction.
-
-  ``probe``, when given, is put right where the clip reads its input (first for a clip before the
-  optimizer, after the direction for one after it), to record what the clip sees.
-  """
-  direction = OPTIMIZERS[optimizer]()
-  seen = [] if probe is None else [probe]
-  if strategy.wraps_optimizer:
-    # Update clipping relative to the optimizer's own state: it wraps the direction (and reads
-    # its b2 from it).
-    return clipchain.clip_by_second_moment(optax.chain(direction, *seen))
-  clip = strategy.build(calibration, multiplier)  # type: ignore[arg-type]  # None: not calibrated
-  if placement == "before":
-    chain = optax.chain(*seen, clip, direction)
-  else:
-    chain = optax.chain(direction, *seen, clip)
-  if strategy.guard:
-    chain = clipchain.skip_spikes(clipchain.skip_nonfinite(chain))
-  return chain
+  """:meth:`Strategy.transform` of ``strategy``."""
+  return strategy.transform(optimizer, placement, calibration, multiplier, probe)
 
 
 def applies(strategy: Strategy, optimizer: str, placement: str) -> bool:
-  """Whether ``strategy`` is run with ``optimizer`` in ``placement`` (see :class:`Strategy`)."""
-  if strategy.optimizers is not None and optimizer not in strategy.optimizers:
-    return False
-  return not (strategy.wraps_optimizer and placement != "after")
+  """:meth:`Strategy.applies` of ``strategy``."""
+  return strategy.applies(optimizer, placement)

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,14 +25,20 @@ from clipchain.study import metrics, runner
 from clipchain.study.strategies import (
   DEFAULT_LRS,
   OPTIMIZERS,
+  PAPER_COMPARISONS,
   PLACEMENTS,
   STRATEGIES,
   SWEEP_MULTIPLIERS,
+  Calibration,
+  Strategy,
 )
-from clipchain.study.task import Task
+from clipchain.study.task import Task, check_batches
 
 #: Every strategy, in the order the report lists them.
 ALL_STRATEGIES = tuple(STRATEGIES)
+#: Seeds per learning rate unless told otherwise: three, the fewest whose bootstrap over seeds
+#: can resolve a difference that holds in every seed.
+DEFAULT_SEEDS = 3
 
 
 def _check_names(kind: str, names: Sequence[str], known) -> tuple[str, ...]:
@@ -114,36 +121,121 @@ def _check_tasks(tasks) -> None:
       )
 
 
-#: What a study writes into its output directory; nothing else there is ever touched.
-OUTPUTS = ("curves", "plots", "report.md", "report.html", "results.json")
+#: The study's own files at the top of its output directory; ``curves/`` and ``plots/`` hold more.
+#: Only files the study wrote (listed in its ``results.json``) are ever replaced or removed.
+TOP_FILES = ("report.md", "report.html", "results.json")
 #: Finished cells of a study still running (or interrupted), inside the output directory.
 PARTIAL = ".clipchain-partial"
 #: Where the results and report are written before they are moved into place.
 STAGING = ".clipchain-writing"
+#: Held by the study writing into the directory: a second study into it is refused.
+LOCK = ".clipchain-lock"
 
 
 def check_out(out) -> pathlib.Path:
-  """The output directory, created now: refused when it is a file or cannot be created."""
+  """The output directory as a path, checked but not created: refused when it is empty, a file,
+  or cannot be written."""
   if not isinstance(out, (str, os.PathLike)):
     raise TypeError(f"out must be a path (str or os.PathLike), got {out!r}.")
+  if not os.fspath(out):
+    raise ValueError("out must name a directory, got '' (use '.' for the current directory).")
   out = pathlib.Path(out)
   if out.exists() and not out.is_dir():
     raise ValueError(f"out must be a directory, but {str(out)!r} is a file.")
+  existing = next((p for p in (out, *out.parents) if p.exists()), None)
+  if existing is not None and not os.access(existing, os.W_OK):
+    raise ValueError(
+      f"out {str(out)!r} cannot be created or written: {str(existing)!r} is not writable."
+    )
+  return out
+
+
+def _create_out(out: pathlib.Path) -> None:
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as error:
     raise ValueError(f"out {str(out)!r} cannot be created: {error.strerror or error}.") from None
-  if not os.access(out, os.W_OK):
-    raise ValueError(f"out {str(out)!r} is not writable.")
-  return out
 
 
-def _cell_key(cell: runner.Cell, calibration) -> str:
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def _locked(out: pathlib.Path):
+  """Holds ``out/.clipchain-lock`` while a study writes into ``out``; a lock left by a process
+  that has ended (on this host) is taken over."""
+  lock = out / LOCK
+  me = {"pid": os.getpid(), "host": socket.gethostname()}
+  for _ in range(2):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        holder = json.loads(lock.read_text())
+      except (OSError, ValueError):
+        holder = {}
+      stale = holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1)))
+      if stale:
+        lock.unlink(missing_ok=True)
+        continue
+      raise ValueError(
+        f"out {str(out)!r} is in use by another study (process {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}); wait for it, or choose another --out. If no study is "
+        f"running, remove {str(lock)!r}."
+      ) from None
+    with os.fdopen(fd, "w") as handle:
+      json.dump(me, handle)
+    break
+  try:
+    yield
+  finally:
+    lock.unlink(missing_ok=True)
+
+
+def _owned_files(out: pathlib.Path) -> set[str]:
+  """The files (relative paths) the last study into ``out`` wrote, read from its results.json.
+
+  Raises:
+    ValueError: ``out`` holds a ``report.*`` or ``results.json`` the study did not write.
+  """
+  results = out / "results.json"
+  owned: set[str] = set()
+  if results.exists():
+    try:
+      saved = json.loads(results.read_text())
+      meta = saved["meta"]
+      owned = set(meta.get("files") or ())
+      if not owned:  # written before the list was kept: the curves and files it names
+        owned = set(TOP_FILES) | {r["curves"]["file"] for r in saved["runs"] if r.get("curves")}
+    except (OSError, ValueError, KeyError, TypeError):
+      raise ValueError(
+        f"out {str(out)!r} holds a results.json that is not a study's; choose another --out or "
+        "move it."
+      ) from None
+  foreign = [name for name in TOP_FILES if (out / name).exists() and name not in owned]
+  if foreign:
+    raise ValueError(
+      f"out {str(out)!r} holds {', '.join(foreign)}, not written by a study; choose another "
+      "--out or move them."
+    )
+  return owned
+
+
+def _cell_key(cell: runner.Cell, calibration, task_fingerprint: str) -> str:
   """What must match for a finished cell to be reused by ``--resume``."""
   spec = {
+    "task": task_fingerprint,
     "lrs": cell.lrs,
     "seeds": cell.seeds,
     "steps": cell.steps,
+    "rule": cell.strategy.rule,
     "calibration": (None if calibration is None else dataclasses.astuple(calibration)),
     "clipchain": __version__,
   }
@@ -159,35 +251,38 @@ def _load_partial(partial: pathlib.Path, cell, key) -> runner.CellResult | None:
     return None
   with np.load(partial / f"{cell.name}.npz") as data:
     curves = {k: data[k] for k in data.files}
-  return runner.CellResult(saved["records"], curves, saved["seconds"])
+  return runner.CellResult(curves, saved["seconds"])
 
 
 def _save_partial(partial: pathlib.Path, cell, key, result: runner.CellResult) -> None:
   partial.mkdir(parents=True, exist_ok=True)
   np.savez_compressed(partial / f"{cell.name}.npz.tmp.npz", **result.curves)  # type: ignore[arg-type]
   os.replace(partial / f"{cell.name}.npz.tmp.npz", partial / f"{cell.name}.npz")
-  payload = {"key": key, "records": result.records, "seconds": result.seconds}
+  payload = {"key": key, "seconds": result.seconds}
   (partial / f"{cell.name}.json.tmp").write_text(json.dumps(payload))
   os.replace(partial / f"{cell.name}.json.tmp", partial / f"{cell.name}.json")
 
 
-def _fill_costs(results: list[tuple[runner.Cell, runner.CellResult]]) -> None:
-  """Fills ``step_cost``: a cell's time over ``none``'s with the same task, optimizer, placement."""
-  baseline = {
-    (c.task.name, c.optimizer, c.placement): r.seconds
-    for c, r in results
-    if c.strategy.name == "none"
-  }
-  for cell, result in results:
-    base = baseline.get((cell.task.name, cell.optimizer, cell.placement))
-    for record in result.records:
-      record["step_cost"] = None if base is None else result.seconds / base
+def _records(results: list[tuple[runner.Cell, Calibration | None, runner.CellResult]]):
+  """Every run's :class:`RunRecord`, each cell's measured against its baseline cell."""
+  baselines = {(c.task.name, c.optimizer, c.lrs): r for c, _, r in results if c.strategy.baseline}
+  records = []
+  for cell, calibration, result in results:
+    baseline = baselines.get((cell.task.name, cell.optimizer, cell.lrs))
+    records += runner.records_of(cell, calibration, result, baseline)
+  return records
 
 
 def _summary_line(cell: runner.Cell, result: runner.CellResult) -> str:
-  records = result.records
-  stable = sorted({r["lr"] for r in records} - {r["lr"] for r in records if r["diverged"]})
-  finals = [r["final_loss"] for r in records if not r["diverged"] and r["final_loss"] is not None]
+  loss = result.curves["loss"]
+  lr = result.curves["lr"]
+  bad = {float(lr[i]) for i in range(len(lr)) if metrics.diverged(loss[i])}
+  stable = sorted(set(cell.lrs) - bad)
+  finals = [
+    f
+    for i in range(len(lr))
+    if float(lr[i]) not in bad and (f := metrics.final_loss(loss[i])) is not None
+  ]
   best = f"{min(finals):.4g}" if finals else "-"
   return (
     f"{cell.name}: {len(stable)}/{len(cell.lrs)} lrs stable, best final loss {best}, "
@@ -223,14 +318,62 @@ def _progress(enabled: bool, total: int):
     yield lambda description, runs: bar.update(handle, advance=runs, description=description)
 
 
+def _check_strategies(strategies) -> tuple[Strategy, ...]:
+  """Names from :data:`STRATEGIES` or :class:`Strategy` objects, as objects, each name once."""
+  if isinstance(strategies, (str, Strategy)):
+    strategies = (strategies,)
+  if isinstance(strategies, Iterable):
+    strategies = tuple(strategies)
+  else:
+    raise TypeError(
+      f"strategies must be a sequence of names or Strategy objects, got {strategies!r}."
+    )
+  if not strategies:
+    raise ValueError(f"strategies must name at least one, got {strategies!r}.")
+  chosen: dict[str, Strategy] = {}
+  for item in strategies:
+    if isinstance(item, Strategy):
+      strategy = item
+    elif isinstance(item, str):
+      if item not in STRATEGIES:
+        raise ValueError(
+          f"strategies holds an unknown name {item!r}; choose from {', '.join(STRATEGIES)}."
+        )
+      strategy = STRATEGIES[item]
+    else:
+      raise TypeError(f"strategies must hold names or Strategy objects, got {item!r}.")
+    if strategy.name in chosen and chosen[strategy.name] != strategy:
+      raise ValueError(f"strategies holds two different strategies named {strategy.name!r}.")
+    chosen[strategy.name] = strategy
+  if sum(s.baseline for s in chosen.values()) > 1:
+    raise ValueError("strategies holds more than one baseline (baseline=True); keep one.")
+  return tuple(chosen.values())
+
+
+def _no_cells_reason(strategies, optimizers, placements) -> str:
+  parts = []
+  for s in strategies:
+    where = []
+    if s.optimizers is not None:
+      where.append(f"with {', '.join(s.optimizers)}")
+    if s.wraps_optimizer:
+      where.append("after only")
+    parts.append(f"{s.name} runs {' '.join(where) or 'everywhere'}")
+  return (
+    f"nothing to run: no strategy of {', '.join(s.name for s in strategies)} applies to "
+    f"optimizers {', '.join(optimizers)} in placement {', '.join(placements)} "
+    f"({'; '.join(parts)})."
+  )
+
+
 def run_study(
   tasks: Sequence[Task],
   *,
-  strategies: Sequence[str] = ALL_STRATEGIES,
+  strategies: Sequence[str | Strategy] = ALL_STRATEGIES,
   optimizers: Sequence[str] = ("sgd", "adam"),
   placements: Sequence[str] = ("before",),
   lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
-  seeds: int = 2,
+  seeds: int = DEFAULT_SEEDS,
   steps: int | None = None,
   sweep: Sequence[float] = SWEEP_MULTIPLIERS,
   out: str | os.PathLike[str] | None = None,
@@ -239,8 +382,13 @@ def run_study(
   verbose: bool = False,
   args: Mapping | None = None,
 ) -> tuple[list[dict], dict]:
-  """Runs every cell of every task; writes ``out`` when given. Returns ``(records, meta)``."""
-  strategies = _check_names("strategies", strategies, STRATEGIES)
+  """Runs every cell of every task; writes ``out`` when given. Returns ``(records, meta)``.
+
+  Everything is checked before anything is trained or written: a bad argument, a grid in which no
+  strategy applies, a task whose batches are not a pure function of ``(key, step)``, an ``out``
+  that is empty, a file, in use by another study or holding a report the study did not write.
+  """
+  chosen = _check_strategies(strategies)
   optimizers = _check_names("optimizers", optimizers, OPTIMIZERS)
   placements = _check_names("placements", placements, PLACEMENTS)
   seeds = _check_positive_int("seeds", seeds)
@@ -249,14 +397,12 @@ def run_study(
   _check_tasks(tasks)
   grids = {task.name: _check_lrs(lrs, task, optimizers) for task in tasks}
   out = None if out is None else check_out(out)
-
-  started = datetime.datetime.now(datetime.timezone.utc)
-  clock = time.perf_counter()
   cells = []
   for task in tasks:
+    check_batches(task, steps or task.steps)
     cells += runner.cells_for(
       task,
-      strategies=strategies,
+      strategies=chosen,
       optimizers=optimizers,
       placements=placements,
       lrs=grids[task.name],
@@ -264,9 +410,42 @@ def run_study(
       steps=steps or task.steps,
       sweep=sweep,
     )
+  if not cells:
+    raise ValueError(_no_cells_reason(chosen, optimizers, placements))
+  writer = jax.process_index() == 0
+  with contextlib.ExitStack() as stack:
+    owned: set[str] = set()
+    if out is not None and writer:
+      _create_out(out)
+      stack.enter_context(_locked(out))
+      owned = _owned_files(out)
+    try:
+      records, meta, results = _run_cells(
+        tasks, chosen, cells, grids, out, resume, progress, verbose, args,
+        dict(optimizers=optimizers, placements=placements, seeds=seeds, steps=steps, sweep=sweep),
+      )  # fmt: skip
+    except StopIteration:
+      # A Python iterator behind a task's functions, exhausted while tracing; check_batches
+      # catches the ones it can tell apart, this the ones whose batches all look the same.
+      raise TypeError(
+        "A task's batches (or init or loss) raised StopIteration while being traced: it must be a "
+        "pure JAX function of (key, step), not read from a Python iterator or generator. Index "
+        "arrays by step, or generate the batch from jax.random.fold_in(key, step)."
+      ) from None
+    if out is not None and writer:
+      write(out, records, meta, {c.name: r.curves for c, _, r in results}, owned=owned)
+      shutil.rmtree(out / PARTIAL, ignore_errors=True)
+  return [r.to_json() for r in records], meta
+
+
+def _run_cells(tasks, strategies, cells, grids, out, resume, progress, verbose, args, options):
+  started = datetime.datetime.now(datetime.timezone.utc)
+  clock = time.perf_counter()
   partial = None if out is None else out / PARTIAL
   writer = jax.process_index() == 0
-  calibrations = {}
+  fingerprints = {task.name: runner.fingerprint(task) for task in tasks}
+  calibrations: dict[tuple, Calibration] = {}
+  computed: dict[tuple, runner.CellResult] = {}
   results = []
 
   def calibration_of(cell):
@@ -281,19 +460,21 @@ def run_study(
   with _progress(progress and writer, total_runs) as advance:
     for cell in cells:
       calibration = calibration_of(cell)
-      key = _cell_key(cell, calibration)
-      result = _load_partial(partial, cell, key) if (resume and partial) else None
+      key = _cell_key(cell, calibration, fingerprints[cell.task.name])
+      result = computed.get(cell.program)
+      if result is None and resume and partial:
+        result = _load_partial(partial, cell, key)
       if result is None:
         compiled, padded = runner.compile_cell(cell, calibration)
         result = runner.execute_cell(cell, calibration, compiled, padded)
         if partial is not None and writer:
           _save_partial(partial, cell, key, result)
-      results.append((cell, result))
+      computed[cell.program] = result
+      results.append((cell, calibration, result))
       advance(cell.name, len(cell.lrs) * cell.seeds)
       if verbose and writer:
         print(_summary_line(cell, result), file=sys.stderr, flush=True)
-  _fill_costs(results)
-  records = [record for _, result in results for record in result.records]
+  records = _records(results)
   meta = {
     "clipchain": __version__,
     "jax": jax.__version__,
@@ -305,36 +486,49 @@ def run_study(
     if args is not None
     else {
       "tasks": [t.name for t in tasks],
-      "strategies": list(strategies),
-      "optimizers": list(optimizers),
-      "placements": list(placements),
+      "strategies": [s.name for s in strategies],
+      "optimizers": list(options["optimizers"]),
+      "placements": list(options["placements"]),
       "lrs": {t: {o: list(g) for o, g in grid.items()} for t, grid in grids.items()},
-      "seeds": seeds,
-      "steps": steps,
-      "sweep": list(sweep),
+      "seeds": options["seeds"],
+      "steps": options["steps"],
+      "sweep": list(options["sweep"]),
     },
     "tasks": {
       t.name: {
         "description": t.description,
         "target_loss": t.target_loss,
-        "steps": steps or t.steps,
+        "steps": options["steps"] or t.steps,
+        "fingerprint": fingerprints[t.name],
       }
       for t in tasks
     },
+    "strategies": {
+      s.name: {
+        "rule": s.rule,
+        "baseline": s.baseline,
+        "fixed": s.fixed,
+        "global_threshold": s.global_threshold,
+        "swept": s.swept,
+      }
+      for s in strategies
+    },
+    "comparisons": [c.to_json() for c in PAPER_COMPARISONS],
     "metrics": {
       "final_fraction": metrics.FINAL_FRACTION,
       "divergence_factor": metrics.DIVERGENCE_FACTOR,
       "target_window": metrics.TARGET_WINDOW,
       "spike_window": metrics.SPIKE_WINDOW,
-      "spike_factor": metrics.SPIKE_FACTOR,
+      "spike_sigmas": metrics.SPIKE_SIGMAS,
+      "spike_floor": metrics.SPIKE_FLOOR,
+      "spike_min_scale": metrics.SPIKE_MIN_SCALE,
+      "overclip_fraction": metrics.OVERCLIP_FRACTION,
+      "overclip_margin": metrics.OVERCLIP_MARGIN,
     },
     "started": started.isoformat(timespec="seconds"),
     "seconds": time.perf_counter() - clock,
   }
-  if out is not None and writer:
-    write(out, records, meta, {cell.name: result.curves for cell, result in results})
-    shutil.rmtree(out / PARTIAL, ignore_errors=True)
-  return records, meta
+  return records, meta, results
 
 
 def _version(package: str) -> str | None:
@@ -346,33 +540,63 @@ def _version(package: str) -> str | None:
     return None
 
 
-def write(out: pathlib.Path, records, meta, curves: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-  """Writes results, curves and report to a staging directory, then moves each into ``out``.
+def _study_files(root: pathlib.Path) -> set[str]:
+  files = {name for name in TOP_FILES if (root / name).is_file()}
+  for folder in ("curves", "plots"):
+    if (root / folder).is_dir():
+      files |= {p.relative_to(root).as_posix() for p in (root / folder).iterdir() if p.is_file()}
+  return files
 
-  Only the study's own outputs (:data:`OUTPUTS`) are replaced; anything else in ``out`` is left
-  alone. ``results.json`` is moved last, so that it never describes a report not yet in place.
+
+def write(
+  out: pathlib.Path,
+  records,
+  meta,
+  curves: Mapping[str, Mapping[str, np.ndarray]],
+  *,
+  owned: set[str] | None = None,
+) -> None:
+  """Writes results, curves and report to a staging directory, then moves each file into ``out``.
+
+  Only files the study writes, or the previous study into ``out`` wrote (``owned``, from its
+  ``results.json``), are replaced or removed; anything else in ``out``, inside ``plots/`` and
+  ``curves/`` too, is left alone, and a new file whose name a user's file already has is refused
+  before anything is moved. ``results.json`` is moved last, so that it never describes a report not
+  yet in place.
+
+  Raises:
+    ValueError: A file the study would write exists in ``out`` and was not written by a study; the
+      results are kept in the staging directory, which the message names.
   """
   from clipchain.study import report
 
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  owned = _owned_files(out) if owned is None else owned
   staging = out / STAGING
   shutil.rmtree(staging, ignore_errors=True)
   (staging / "curves").mkdir(parents=True)
   for name, arrays in curves.items():
     np.savez_compressed(staging / "curves" / f"{name}.npz", **arrays)  # type: ignore[arg-type]
-  payload = {"meta": meta, "runs": records}
-  (staging / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
   report.write_report(records, meta, staging)
-  for name in OUTPUTS:
+  written = _study_files(staging) | {"results.json"}
+  payload = {"meta": {**meta, "files": sorted(written)}, "runs": [r.to_json() for r in records]}
+  (staging / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
+  clash = sorted(name for name in written if (out / name).exists() and name not in owned)
+  if clash:
+    raise ValueError(
+      f"out {str(out)!r} holds {', '.join(clash)}, not written by a study, where the study would "
+      f"write its own; nothing was replaced, and the results are in {str(staging)!r}."
+    )
+  for name in sorted(owned - written):
+    (out / name).unlink(missing_ok=True)
+  for name in [*sorted(written - {"results.json"}), "results.json"]:
     target = out / name
-    if target.is_dir() and not target.is_symlink():
-      shutil.rmtree(target)
-    elif target.exists() or target.is_symlink():
-      target.unlink()
-    if (staging / name).exists():
-      os.replace(staging / name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging / name, target)
   shutil.rmtree(staging, ignore_errors=True)
+  for folder in ("curves", "plots"):
+    with contextlib.suppress(OSError):  # left when it still holds a user's files
+      (out / folder).rmdir()
 
 
 def run(
@@ -382,7 +606,7 @@ def run(
   optimizers: Sequence[str] = ("sgd", "adam"),
   placements: Sequence[str] = ("before",),
   lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
-  seeds: int = 2,
+  seeds: int = DEFAULT_SEEDS,
   steps: int | None = None,
   out: str | os.PathLike[str] | None = None,
 ) -> list[dict]:
@@ -390,7 +614,8 @@ def run(
 
   Args:
     task: A :class:`Task` (or the name of a built-in one).
-    strategies: Names from :data:`clipchain.study.strategies.STRATEGIES`.
+    strategies: Names from :data:`clipchain.study.strategies.STRATEGIES`, or
+      :class:`~clipchain.study.strategies.Strategy` objects of your own.
     optimizers: Names from :data:`clipchain.study.strategies.OPTIMIZERS`.
     placements: ``"before"`` (clip the gradient) and/or ``"after"`` (clip the optimizer's update).
     lrs: One grid for every optimizer, a mapping ``{optimizer: grid}``, or None for the task's.

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 Batch = Any
@@ -55,3 +57,56 @@ class Task:
       raise TypeError(f"Task eval_batch must be callable or None, got {self.eval_batch!r}.")
     if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
       raise ValueError(f"Task steps must be a positive int, got {self.steps!r}.")
+
+
+def _leaves_equal(a, b) -> bool:
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(leaves_a) == len(leaves_b) and all(
+    np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(leaves_a, leaves_b)
+  )
+
+
+def check_batches(task: Task, steps: int) -> None:
+  """Refuses a task whose ``batches`` is not a pure JAX function of ``(key, step)``.
+
+  The study traces ``batches`` once, inside a ``lax.scan`` over a traced step, and calls it again
+  for the warm-up: a Python iterator behind it would give every step the batch of the trace, and an
+  array indexed by ``step`` past its end would silently repeat its last batch (JAX clamps indices).
+  Both are caught here, before anything is trained.
+
+  Raises:
+    TypeError: ``batches`` fails on a traced step, or gives different batches for the same key and
+      step.
+    ValueError: It gives the same batch for the last two steps of the run while its first two
+      differ (an array indexed past its end).
+  """
+  key = jax.random.PRNGKey(0)
+  where = f"Task {task.name!r}: batches(key, step) must be a pure JAX function of (key, step)"
+  try:
+    traced = jax.jit(task.batches)
+    first, again = traced(key, jnp.int32(0)), traced(key, jnp.int32(0))
+    second = traced(key, jnp.int32(1))
+    eager = task.batches(key, jnp.int32(0))
+  except StopIteration:
+    raise TypeError(
+      f"{where}; it raised StopIteration (a Python iterator or generator behind it?). Index "
+      "arrays by step, or generate the batch from jax.random.fold_in(key, step)."
+    ) from None
+  except Exception as error:
+    raise TypeError(
+      f"{where}; on a traced step it raised {type(error).__name__}: {error}"
+    ) from None
+  if not (_leaves_equal(first, again) and _leaves_equal(first, eager)):
+    raise TypeError(
+      f"{where}; two calls with the same key and step 0 gave different batches (Python state, "
+      "such as an iterator or a counter, behind it?)."
+    )
+  if steps >= 4 and not _leaves_equal(first, second):
+    last, before_last = traced(key, jnp.int32(steps - 1)), traced(key, jnp.int32(steps - 2))
+    if _leaves_equal(last, before_last):
+      raise ValueError(
+        f"Task {task.name!r}: batches gives different batches at steps 0 and 1 but the same at "
+        f"steps {steps - 2} and {steps - 1}, the last of the run: does it index an array past its "
+        "end? JAX clamps an index out of range to the last entry. Give it at least as many batches "
+        "as steps, or index them modulo their count."
+      )
