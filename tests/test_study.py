@@ -482,11 +482,16 @@ def test_quick_and_full_change_defaults_but_given_options_win():
   assert given["tasks"] == ("lm",) and given["seeds"] == 3 and given["steps"] == 60
   assert given["optimizers"] == ("adam",) and given["placements"] == ("after",)
   full = options("--full", "--strategies", "none", "global")
-  assert full["tasks"] == ("rnn-adding", "lm", "heavy-tail") and full["strategies"] == (
-    "none",
-    "global",
-  )
-  assert options()["placements"] == ("before", "after")
+  assert full["tasks"] == ("rnn-adding", "lm", "heavy-tail", "outlier-batches")
+  assert full["strategies"] == ("none", "global") and "muon" in full["optimizers"]
+  default = options()
+  assert default["placements"] == ("before", "after") and default["seeds"] == 3
+  # Each default task with the optimizer whose instability it shows; --task alone keeps that.
+  assert default["optimizers"] == {"rnn-adding": ("sgd",), "outlier-batches": ("adam",)}
+  assert options("--task", "lm", "rnn-adding")["optimizers"] == {
+    "lm": ("sgd", "adam"),
+    "rnn-adding": ("sgd",),
+  }
 
 
 def test_stable_adamw_wraps_adam_family_optimizers_after_only():

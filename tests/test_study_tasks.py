@@ -13,7 +13,7 @@ import pytest
 from clipchain.study import tasks
 from clipchain.study.task import Task
 
-NAMES = ["rnn-adding", "lm", "heavy-tail"]
+NAMES = ["rnn-adding", "lm", "heavy-tail", "outlier-batches"]
 
 
 @functools.cache
@@ -140,3 +140,67 @@ def test_heavy_tail_noise_and_clean_eval():
   assert np.max(np.abs(noise)) <= 3.0 + 1e-6  # bounded, so the training loss stays meaningful
   clean = jax.jit(t.eval_batch)(jax.random.key(5))
   np.testing.assert_allclose(clean["targets"], teacher(clean["inputs"]), rtol=1e-5, atol=1e-5)
+
+
+def test_outlier_batches_corrupt_one_label_on_rare_steps_after_the_clean_start():
+  t = task("outlier-batches")
+  batch = jax.jit(jax.vmap(t.batches, in_axes=(None, 0)))(jax.random.key(6), jnp.arange(4000))
+  corrupted = np.asarray(batch["corrupted"])
+  per_step = corrupted.sum(axis=1)
+  assert set(np.unique(per_step)) == {0.0, 1.0}  # one example at most
+  assert per_step[:50].sum() == 0  # the clean start
+  share = per_step[50:].mean()
+  assert 0.02 < share < 0.04  # 3 % of batches, 3950 steps: the binomial's 4-sigma band
+  teacher = tasks._teacher(16)
+  residual = np.asarray(batch["targets"]) - np.asarray(jax.vmap(teacher)(batch["inputs"]))
+  np.testing.assert_array_less(np.abs(residual[corrupted == 0]), 1.0)  # noise 0.1
+  np.testing.assert_allclose(np.abs(residual[corrupted == 1]), 100.0, atol=1.0)
+
+
+def test_outlier_batches_report_the_clean_loss_and_train_on_every_example():
+  """The value is the clean examples' mean squared error, the gradient that of all examples'
+  (float64 NumPy through the model's last layer)."""
+  t = task("outlier-batches")
+  params = t.init(jax.random.key(7))
+  # A readout that is not zero, so the gradient of every layer is not.
+  params = jax.tree.map(lambda x: x + 0.1, params)
+  batch = t.batches(jax.random.key(8), jnp.int32(0))
+  batch = {**batch, "corrupted": batch["corrupted"].at[3].set(1.0)}
+  batch["targets"] = batch["targets"].at[3].add(100.0)
+  loss, grads = jax.value_and_grad(t.loss)(params, batch)
+  model = tasks.TanhMLP()
+  hidden = batch["inputs"]
+  for i in range(3):
+    layer = params[f"hidden_{i}"]
+    hidden = jnp.tanh(hidden @ layer["kernel"] + layer["bias"])
+  hidden = np.asarray(hidden, np.float64)
+  out = params["output"]
+  prediction = hidden @ np.asarray(out["kernel"], np.float64)[:, 0] + float(out["bias"][0])
+  errors = prediction - np.asarray(batch["targets"], np.float64)
+  clean = np.asarray(batch["corrupted"]) == 0
+  assert float(loss) == pytest.approx(np.mean(errors[clean] ** 2), rel=1e-5)
+  expected_grad = 2.0 * hidden.T @ errors / errors.size
+  np.testing.assert_allclose(grads["output"]["kernel"][:, 0], expected_grad, rtol=2e-4)
+  assert np.allclose(
+    model.apply({"params": params}, batch["inputs"]), prediction, rtol=1e-5, atol=1e-5
+  )
+
+
+def test_outlier_batches_spike_unclipped_adam_at_the_top_lr_and_zclip_does_not():
+  from clipchain.study import metrics, run
+
+  records = run(
+    task("outlier-batches"),
+    strategies=["none", "zclip"],
+    optimizers=["adam"],
+    lrs=[1e-3, 1e-2],
+    seeds=3,
+  )
+  spikes = {(r["strategy"], r["lr"], r["seed"]): r["spike_count"] for r in records}
+  assert all(spikes[("none", 1e-2, s)] >= 2 for s in range(3)), spikes
+  assert all(spikes[("zclip", lr, s)] == 0 for lr in (1e-3, 1e-2) for s in range(3)), spikes
+  assert all(spikes[("none", 1e-3, s)] == 0 for s in range(3)), spikes
+  assert not any(r["diverged"] for r in records)
+  finals = {(r["strategy"], r["lr"], r["seed"]): r["final_loss"] for r in records}
+  assert all(finals[("zclip", 1e-2, s)] < 0.6 * finals[("none", 1e-2, s)] for s in range(3))
+  assert metrics.SPIKE_WINDOW < 50  # the clean start is longer than the spike rule's window

@@ -118,7 +118,17 @@ def bootstrap(statistic: Callable[[Sequence[int]], float | None], seeds: Sequenc
   value = statistic(seeds)
   if value is None or not seeds:
     return Interval(None, None, None)
-  values = [statistic(list(sample)) for sample in _resamples(seeds)]
+  # A statistic of seeds depends on which seeds were drawn and how often, not in what order: with
+  # few seeds most resamples repeat one of a few multisets, each computed once.
+  cache: dict[tuple[int, ...], float | None] = {}
+
+  def of(sample) -> float | None:
+    key = tuple(sorted(int(s) for s in sample))
+    if key not in cache:
+      cache[key] = statistic(list(key))
+    return cache[key]
+
+  values = [of(sample) for sample in _resamples(seeds)]
   defined = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
   if defined.size == 0:
     return Interval(value, None, None)
@@ -343,9 +353,9 @@ def rank(runs: Sequence[RunRecord], infos: Mapping[str, StrategyInfo] | None = N
   groups: dict[tuple[str, str], list[RunRecord]] = {}
   for run in runs:
     # The baseline's runs are the same in either placement: it gets one row.
-    if base is not None and infos.get(run.strategy, StrategyInfo(run.strategy)).baseline:
-      if run.placement != base[0].placement:
-        continue
+    is_base = infos.get(run.strategy, StrategyInfo(run.strategy)).baseline
+    if base is not None and is_base and run.placement != base[0].placement:
+      continue
     groups.setdefault((run.strategy, run.placement), []).append(run)
   rows = [
     summarize(g, base, infos.get(name, StrategyInfo(name)).baseline)
@@ -510,6 +520,9 @@ class Rescue:
     baseline_spikes, spikes: Mean spikes per run, without and with it.
     spike_change: The paired difference in spikes per run, with its interval over seeds.
     seeds: Seeds compared.
+    final: The strategy's mean final loss there (not diverging is not learning).
+    baseline_final: The baseline's mean final loss over its seeds that did not diverge; None when
+      every seed diverged.
   """
 
   optimizer: str
@@ -522,6 +535,8 @@ class Rescue:
   spikes: float
   spike_change: Interval
   seeds: int
+  final: float | None = None
+  baseline_final: float | None = None
 
 
 def _paired_mean(a: Mapping[int, float], b: Mapping[int, float]) -> Callable:
@@ -529,8 +544,9 @@ def _paired_mean(a: Mapping[int, float], b: Mapping[int, float]) -> Callable:
 
 
 def rescues(runs: Sequence[RunRecord], infos: Mapping[str, StrategyInfo]) -> list[Rescue]:
-  """Every (optimizer, lr, strategy) at which the baseline failed or spiked in some seed and the
-  strategy failed in no seed and spiked less: the settings the report shows first."""
+  """Every (optimizer, lr, strategy) at which the baseline diverged or spiked in some seed and the
+  strategy diverged in no seed, and either diverged in fewer seeds or spiked less: the settings
+  the report shows first. Sorted by the strategy's final loss there, then its spikes."""
   found = []
   for optimizer in sorted({r.optimizer for r in runs}):
     mine = [r for r in runs if r.optimizer == optimizer]
@@ -566,9 +582,21 @@ def rescues(runs: Sequence[RunRecord], infos: Mapping[str, StrategyInfo]) -> lis
               float(np.mean(list(spikes.values()))),
               bootstrap(_paired_mean(spikes, base_spikes), sorted(at)),
               len(at),
+              _mean(r.final_loss for r in at.values()),
+              _mean(r.final_loss for r in base_runs.values() if not failed(r)),
             )
           )
-  return found
+  return sorted(
+    found,
+    key=lambda r: (
+      r.optimizer,
+      r.lr,
+      math.inf if r.final is None else r.final,
+      r.spikes,
+      r.strategy,
+      r.placement,
+    ),
+  )
 
 
 def _groups(runs: Sequence[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
@@ -655,8 +683,8 @@ def check_ordering(
 def instability(
   runs: Sequence[RunRecord], infos: Mapping[str, StrategyInfo]
 ) -> tuple[bool | None, str]:
-  """Whether a task really becomes unstable without clipping: the baseline diverged at some lr in
-  every seed, per optimizer.
+  """Whether a task really becomes unstable without clipping: the baseline diverged or spiked at
+  some lr in every seed (each optimizer's detail in the sentence).
 
   Returns:
     ``(verdict, sentence)``; the verdict is None when no baseline was run.
@@ -669,7 +697,7 @@ def instability(
   if not base:
     return None, "Not known: the unclipped baseline was not run on this task."
   seeds = sorted({r.seed for r in base})
-  exploded = sorted({r.seed for r in base if failed(r)})
+  exploded = sorted({r.seed for r in base if failed(r) or r.spike_count})
   per_optimizer = []
   for opt in sorted({r.optimizer for r in base}):
     runs_opt = [r for r in base if r.optimizer == opt]
@@ -685,8 +713,10 @@ def instability(
     per_optimizer.append(f"{opt}: {', '.join(parts) if parts else 'never diverged or spiked'}")
   detail = f" ({'; '.join(per_optimizer)})."
   if len(exploded) == len(seeds):
-    return True, f"Yes: without clipping every seed ({len(seeds)}) diverged at some lr{detail}"
+    return True, (
+      f"Yes: without clipping every seed ({len(seeds)}) diverged or spiked at some lr{detail}"
+    )
   return False, (
-    f"No: without clipping {len(exploded)} of {len(seeds)} seeds diverged at any lr, so this task "
-    f"did not reliably explode{detail}"
+    f"No: without clipping {len(exploded)} of {len(seeds)} seeds diverged or spiked at any lr, so "
+    f"this task did not reliably become unstable{detail}"
   )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -36,6 +37,15 @@ from clipchain.study.task import Task, check_batches
 
 #: Every strategy, in the order the report lists them.
 ALL_STRATEGIES = tuple(STRATEGIES)
+#: Cells compiled together, in parallel, before they run one after the other.
+COMPILE_BATCH = 8
+
+
+def _compile_workers() -> int:
+  """Threads compiling cells at once: one per core (XLA compiles a program on one thread)."""
+  return max(1, min(COMPILE_BATCH, os.cpu_count() or 1))
+
+
 #: Seeds per learning rate unless told otherwise: three, the fewest whose bootstrap over seeds
 #: can resolve a difference that holds in every seed.
 DEFAULT_SEEDS = 3
@@ -59,6 +69,22 @@ def _check_positive_int(name: str, value) -> int:
   if value < 1:
     raise ValueError(f"{name} must be at least 1, got {value!r}.")
   return int(value)
+
+
+def _check_optimizers(optimizers, tasks) -> dict[str, tuple[str, ...]]:
+  """Each task's optimizers, from one list for all or a mapping ``{task name: list}``."""
+  if isinstance(optimizers, Mapping):
+    names = {t.name for t in tasks}
+    unknown = sorted(set(optimizers) - names)
+    missing = sorted(names - set(optimizers))
+    if unknown or missing:
+      raise ValueError(
+        f"optimizers maps tasks {sorted(optimizers)!r}; it must name each task of the study "
+        f"({sorted(names)!r}) and no other."
+      )
+    return {t.name: _check_names("optimizers", optimizers[t.name], OPTIMIZERS) for t in tasks}
+  checked = _check_names("optimizers", optimizers, OPTIMIZERS)
+  return {t.name: checked for t in tasks}
 
 
 def _check_lrs(lrs, task: Task, optimizers) -> dict[str, tuple[float, ...]]:
@@ -275,17 +301,18 @@ def _records(results: list[tuple[runner.Cell, Calibration | None, runner.CellRes
 
 def _summary_line(cell: runner.Cell, result: runner.CellResult) -> str:
   loss = result.curves["loss"]
-  lr = result.curves["lr"]
-  bad = {float(lr[i]) for i in range(len(lr)) if metrics.diverged(loss[i])}
-  stable = sorted(set(cell.lrs) - bad)
+  # Rows are learning-rate major, as Cell.runs gives them; the lrs as given, not float32 copies.
+  row_lrs = [lr for lr in cell.lrs for _ in range(cell.seeds)]
+  bad = {lr for lr, row in zip(row_lrs, loss) if metrics.diverged(row)}
   finals = [
     f
-    for i in range(len(lr))
-    if float(lr[i]) not in bad and (f := metrics.final_loss(loss[i])) is not None
+    for lr, row in zip(row_lrs, loss)
+    if lr not in bad and (f := metrics.final_loss(row)) is not None
   ]
   best = f"{min(finals):.4g}" if finals else "-"
+  stable = len(set(cell.lrs) - bad)
   return (
-    f"{cell.name}: {len(stable)}/{len(cell.lrs)} lrs stable, best final loss {best}, "
+    f"{cell.name}: {stable}/{len(cell.lrs)} lrs stable, best final loss {best}, "
     f"{result.seconds:.2f} s"
   )
 
@@ -370,7 +397,7 @@ def run_study(
   tasks: Sequence[Task],
   *,
   strategies: Sequence[str | Strategy] = ALL_STRATEGIES,
-  optimizers: Sequence[str] = ("sgd", "adam"),
+  optimizers: Sequence[str] | Mapping[str, Sequence[str]] = ("sgd", "adam"),
   placements: Sequence[str] = ("before",),
   lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
   seeds: int = DEFAULT_SEEDS,
@@ -387,15 +414,17 @@ def run_study(
   Everything is checked before anything is trained or written: a bad argument, a grid in which no
   strategy applies, a task whose batches are not a pure function of ``(key, step)``, an ``out``
   that is empty, a file, in use by another study or holding a report the study did not write.
+  ``optimizers`` is one list for every task, or a mapping ``{task name: optimizers}`` naming every
+  task.
   """
   chosen = _check_strategies(strategies)
-  optimizers = _check_names("optimizers", optimizers, OPTIMIZERS)
+  per_task = _check_optimizers(optimizers, tasks)
   placements = _check_names("placements", placements, PLACEMENTS)
   seeds = _check_positive_int("seeds", seeds)
   if steps is not None:
     steps = _check_positive_int("steps", steps)
   _check_tasks(tasks)
-  grids = {task.name: _check_lrs(lrs, task, optimizers) for task in tasks}
+  grids = {task.name: _check_lrs(lrs, task, per_task[task.name]) for task in tasks}
   out = None if out is None else check_out(out)
   cells = []
   for task in tasks:
@@ -403,7 +432,7 @@ def run_study(
     cells += runner.cells_for(
       task,
       strategies=chosen,
-      optimizers=optimizers,
+      optimizers=per_task[task.name],
       placements=placements,
       lrs=grids[task.name],
       seeds=seeds,
@@ -411,7 +440,8 @@ def run_study(
       sweep=sweep,
     )
   if not cells:
-    raise ValueError(_no_cells_reason(chosen, optimizers, placements))
+    every = tuple(dict.fromkeys(o for names in per_task.values() for o in names))
+    raise ValueError(_no_cells_reason(chosen, every, placements))
   writer = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
     owned: set[str] = set()
@@ -422,7 +452,7 @@ def run_study(
     try:
       records, meta, results = _run_cells(
         tasks, chosen, cells, grids, out, resume, progress, verbose, args,
-        dict(optimizers=optimizers, placements=placements, seeds=seeds, steps=steps, sweep=sweep),
+        dict(optimizers=per_task, placements=placements, seeds=seeds, steps=steps, sweep=sweep),
       )  # fmt: skip
     except StopIteration:
       # A Python iterator behind a task's functions, exhausted while tracing; check_batches
@@ -457,23 +487,43 @@ def _run_cells(tasks, strategies, cells, grids, out, resume, progress, verbose, 
     return calibrations[where]
 
   total_runs = sum(len(cell.lrs) * cell.seeds for cell in cells)
+  keys = {}
+  for cell in cells:
+    keys[cell.name] = _cell_key(cell, calibration_of(cell), fingerprints[cell.task.name])
   with _progress(progress and writer, total_runs) as advance:
-    for cell in cells:
-      calibration = calibration_of(cell)
-      key = _cell_key(cell, calibration, fingerprints[cell.task.name])
-      result = computed.get(cell.program)
-      if result is None and resume and partial:
-        result = _load_partial(partial, cell, key)
-      if result is None:
-        compiled, padded = runner.compile_cell(cell, calibration)
-        result = runner.execute_cell(cell, calibration, compiled, padded)
-        if partial is not None and writer:
-          _save_partial(partial, cell, key, result)
-      computed[cell.program] = result
-      results.append((cell, calibration, result))
-      advance(cell.name, len(cell.lrs) * cell.seeds)
-      if verbose and writer:
-        print(_summary_line(cell, result), file=sys.stderr, flush=True)
+    # Cells are compiled a batch at a time, on every core at once (compiling is single-threaded),
+    # then run one after the other with nothing else on the machine, so that each cell's time,
+    # the study's cost column, is its own.
+    for start in range(0, len(cells), COMPILE_BATCH):
+      batch = cells[start : start + COMPILE_BATCH]
+      pending = {}
+      for cell in batch:
+        if cell.program in computed or cell.program in pending:
+          continue
+        saved = _load_partial(partial, cell, keys[cell.name]) if (resume and partial) else None
+        if saved is not None:
+          computed[cell.program] = saved
+        else:
+          pending[cell.program] = cell
+      with concurrent.futures.ThreadPoolExecutor(_compile_workers()) as pool:
+        compiled = dict(
+          zip(
+            pending,
+            pool.map(lambda c: runner.compile_cell(c, calibration_of(c)), pending.values()),
+          )
+        )
+      for cell in batch:
+        result = computed.get(cell.program)
+        if result is None:
+          executable, padded = compiled.pop(cell.program)
+          result = runner.execute_cell(cell, calibration_of(cell), executable, padded)
+          if partial is not None and writer:
+            _save_partial(partial, cell, keys[cell.name], result)
+          computed[cell.program] = result
+        results.append((cell, calibration_of(cell), result))
+        advance(cell.name, len(cell.lrs) * cell.seeds)
+        if verbose and writer:
+          print(_summary_line(cell, result), file=sys.stderr, flush=True)
   records = _records(results)
   meta = {
     "clipchain": __version__,
@@ -487,7 +537,7 @@ def _run_cells(tasks, strategies, cells, grids, out, resume, progress, verbose, 
     else {
       "tasks": [t.name for t in tasks],
       "strategies": [s.name for s in strategies],
-      "optimizers": list(options["optimizers"]),
+      "optimizers": {t: list(names) for t, names in options["optimizers"].items()},
       "placements": list(options["placements"]),
       "lrs": {t: {o: list(g) for o, g in grid.items()} for t, grid in grids.items()},
       "seeds": options["seeds"],
