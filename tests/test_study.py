@@ -782,3 +782,35 @@ def test_strategies_may_be_strategy_objects_of_ones_own():
     run(
       _line_task(), strategies=["none", 3], **{k: v for k, v in _TINY.items() if k != "strategies"}
     )
+
+
+def test_results_json_holds_the_analysis_with_intervals_over_seeds(tmp_path):
+  out = tmp_path / "study"
+  records = run(
+    _line_task(),
+    strategies=["none", "global"],
+    optimizers=["sgd"],
+    lrs=[0.01, 1.0],
+    seeds=3,
+    steps=30,
+    out=out,
+  )
+  saved = json.loads((out / "results.json").read_text())
+  line = saved["analysis"]["tasks"]["line"]
+  sgd = line["optimizers"]["sgd"]
+  rows = {(r["strategy"], r["placement"]): r for r in sgd["rows"]}
+  # The baseline's best final loss is the mean over seeds at its best stable lr, by hand.
+  none = [r for r in records if r["strategy"] == "none" and not r["diverged"]]
+  by_lr = {}
+  for r in none:
+    by_lr.setdefault(r["lr"], []).append(r["final_loss"])
+  assert rows[("none", "before")]["best_final"] == pytest.approx(min(map(np.mean, by_lr.values())))
+  change = rows[("global", "before")]["loss_change"]
+  assert set(change) == {"estimate", "low", "high", "resolved"}
+  assert change["low"] <= change["estimate"] <= change["high"]
+  assert saved["analysis"]["confidence"] == 0.95 and sgd["verdict"] in {
+    "helps",
+    "indistinguishable",
+    "worse",
+  }
+  assert line["unstable_without_clipping"] is True  # plain SGD diverges at lr 1 in every seed

@@ -472,7 +472,7 @@ def test_edge_cases_render(tmp_path, case):
   for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
     assert (tmp_path / link).is_file()
   if case == "all_diverged":
-    assert "| none | before | 0/3 | none | — | — | — | — |" in md
+    assert "| none | before | 0/3 | — | — | — | — | — |" in md
     assert "every strategy worse" not in md and "indistinguishable from no clipping" in md
   if case == "only_none":
     assert "Only the unclipped baseline was run." in md
@@ -528,3 +528,31 @@ def test_sweep_picks_the_most_stable_multiplier_among_equally_good_losses(tmp_pa
   paths = report.write_report(runs, {"metrics": {}}, tmp_path, dpi=40)
   text = paths["md"].read_text()
   assert "sgd: the best multiplier is x0.25, stable at 3/3 lrs" in text
+
+
+def test_no_strategy_is_named_in_the_runner_the_analysis_or_the_report():
+  """What the code does with a strategy comes from its attributes (baseline, swept, ...), so a
+  strategy of one's own is run, compared and reported like the built-in ones."""
+  import ast
+  import pathlib
+
+  from clipchain.study.strategies import STRATEGIES
+
+  folder = pathlib.Path(report.__file__).parent
+  for name in ("runner.py", "study.py", "analysis.py", "report.py", "plots.py", "metrics.py"):
+    tree = ast.parse((folder / name).read_text())
+    docstrings = {
+      id(node.body[0].value)
+      for node in ast.walk(tree)
+      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+      and node.body
+      and isinstance(node.body[0], ast.Expr)
+      and isinstance(node.body[0].value, ast.Constant)
+    }
+    named = {
+      node.value
+      for node in ast.walk(tree)
+      if isinstance(node, ast.Constant) and isinstance(node.value, str)
+      and id(node) not in docstrings and node.value in STRATEGIES
+    }  # fmt: skip
+    assert not named, (name, named)

@@ -11,6 +11,7 @@ From Python, on a model of your own: :func:`run` with a :class:`Task`. Needs the
 (``pip install 'clipchain[study]'``: flax, matplotlib, rich).
 """
 
+from clipchain.study.record import RunRecord
 from clipchain.study.strategies import DEFAULT_LRS, OPTIMIZERS, PLACEMENTS, STRATEGIES, Strategy
 from clipchain.study.study import run, run_study
 from clipchain.study.task import Task
@@ -19,6 +20,7 @@ __all__ = [
   "DEFAULT_LRS",
   "OPTIMIZERS",
   "PLACEMENTS",
+  "RunRecord",
   "STRATEGIES",
   "Strategy",
   "Task",

@@ -263,9 +263,9 @@ class Row:
 
   @property
   def stable_range(self) -> str:
-    """``"lo..hi"`` over the stable lrs, ``"none"`` when there is none, marked when it has gaps."""
+    """``"lo..hi"`` over the stable lrs, a dash when there is none, marked when it has gaps."""
     if not self.stable_lrs:
-      return "none"
+      return "—"
     lo, hi = self.stable_lrs[0], self.stable_lrs[-1]
     text = f"{lo:g}" if lo == hi else f"{lo:g}..{hi:g}"
     inside = [lr for lr in self.lrs if lo <= lr <= hi]
@@ -720,3 +720,101 @@ def instability(
     f"No: without clipping {len(exploded)} of {len(seeds)} seeds diverged or spiked at any lr, so "
     f"this task did not reliably become unstable{detail}"
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# What results.json holds besides the runs
+
+
+def _interval_json(interval: Interval) -> dict:
+  return {
+    "estimate": interval.value,
+    "low": interval.low,
+    "high": interval.high,
+    "resolved": interval.resolved,
+  }
+
+
+def _finite_json(value):
+  """JSON has no infinities: an infinite effect (a baseline with no stable lr) is written as
+  null, with ``resolved`` still saying whether it was."""
+  return value if value is None or math.isfinite(value) else None
+
+
+def summary(runs: Sequence[RunRecord], meta: Mapping) -> dict:
+  """The analysis as ``results.json``'s ``analysis``: per task and optimizer, every row with its
+  effects and intervals, the verdict, the rescues, and the published orderings tested."""
+  main = [r for r in runs if not r.sweep]
+  infos = strategy_infos(meta, {r.strategy for r in main})
+  out: dict = {"confidence": CONFIDENCE, "resamples": BOOTSTRAP_RESAMPLES, "tasks": {}}
+  for task in sorted({r.task for r in main}):
+    task_runs = [r for r in main if r.task == task]
+    per_optimizer = {}
+    for opt in sorted({r.optimizer for r in task_runs}):
+      mine = [r for r in task_runs if r.optimizer == opt]
+      rows = rank(mine, infos)
+      recommendation = recommend(rows)
+      per_optimizer[opt] = {
+        "verdict": recommendation.verdict,
+        "recommended": None
+        if recommendation.recommended is None
+        else {
+          "strategy": recommendation.recommended.strategy,
+          "placement": recommendation.recommended.placement,
+        },
+        "text": recommendation.text,
+        "rows": [
+          {
+            "strategy": row.strategy,
+            "placement": row.placement,
+            "baseline": row.baseline,
+            "stable_lrs": list(row.stable_lrs),
+            "best_lr": row.best_lr,
+            "best_final": row.best_final,
+            "spikes": row.spikes,
+            "over_clipped": row.over_clipped,
+            "loss_change": {
+              k: _finite_json(v) if k != "resolved" else v
+              for k, v in _interval_json(row.loss_change).items()
+            },
+            "stable_gain": _interval_json(row.stable_gain),
+          }
+          for row in rows
+        ],
+        "rescues": [
+          {
+            "lr": r.lr,
+            "strategy": r.strategy,
+            "placement": r.placement,
+            "diverged": [r.baseline_failed, r.failed],
+            "spikes": [r.baseline_spikes, r.spikes],
+            "spike_change": _interval_json(r.spike_change),
+            "final_loss": r.final,
+          }
+          for r in rescues(mine, infos)
+          if r.optimizer == opt
+        ],
+      }
+    orderings = []
+    for comparison in meta.get("published_orderings") or []:
+      for opt in sorted({r.optimizer for r in task_runs}):
+        if opt in comparison.get("optimizers", ()):
+          check = check_ordering(task_runs, comparison, opt)
+          if check is not None:
+            orderings.append(
+              {
+                "title": check.title,
+                "optimizer": opt,
+                "lrs": list(check.lrs),
+                "held": list(check.held),
+                "text": check.text,
+              }
+            )
+    verdict, sentence = instability(task_runs, infos)
+    out["tasks"][task] = {
+      "unstable_without_clipping": verdict,
+      "instability": sentence,
+      "optimizers": per_optimizer,
+      "published_orderings": orderings,
+    }
+  return out

@@ -225,7 +225,7 @@ def _lr_sensitivity(doc: Document, study: _Study, task: str, task_runs: list[Run
 
 
 def _comparisons(doc: Document, study: _Study) -> None:
-  comparisons = study.meta.get("comparisons") or []
+  comparisons = study.meta.get("published_orderings") or []
   checks = []
   for comparison in comparisons:
     for task in study.tasks():
@@ -641,7 +641,7 @@ def _what_was_run(doc: Document, study: _Study) -> None:
   if args:
     doc.para("The arguments of the study:")
     doc.table(
-      ["argument", "value"],
+      ["argument", "given"],
       [[k, json.dumps(v, sort_keys=True, default=str)] for k, v in sorted(args.items())],
     )
 

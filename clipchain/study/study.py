@@ -417,13 +417,13 @@ def run_study(
   ``optimizers`` is one list for every task, or a mapping ``{task name: optimizers}`` naming every
   task.
   """
+  _check_tasks(tasks)
   chosen = _check_strategies(strategies)
   per_task = _check_optimizers(optimizers, tasks)
   placements = _check_names("placements", placements, PLACEMENTS)
   seeds = _check_positive_int("seeds", seeds)
   if steps is not None:
     steps = _check_positive_int("steps", steps)
-  _check_tasks(tasks)
   grids = {task.name: _check_lrs(lrs, task, per_task[task.name]) for task in tasks}
   out = None if out is None else check_out(out)
   cells = []
@@ -563,7 +563,7 @@ def _run_cells(tasks, strategies, cells, grids, out, resume, progress, verbose, 
       }
       for s in strategies
     },
-    "comparisons": [c.to_json() for c in PAPER_COMPARISONS],
+    "published_orderings": [c.to_json() for c in PAPER_COMPARISONS],
     "metrics": {
       "final_fraction": metrics.FINAL_FRACTION,
       "divergence_factor": metrics.DIVERGENCE_FACTOR,
@@ -629,7 +629,13 @@ def write(
     np.savez_compressed(staging / "curves" / f"{name}.npz", **arrays)  # type: ignore[arg-type]
   report.write_report(records, meta, staging)
   written = _study_files(staging) | {"results.json"}
-  payload = {"meta": {**meta, "files": sorted(written)}, "runs": [r.to_json() for r in records]}
+  from clipchain.study import analysis
+
+  payload = {
+    "meta": {**meta, "files": sorted(written)},
+    "runs": [r.to_json() for r in records],
+    "analysis": analysis.summary(records, meta),
+  }
   (staging / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
   clash = sorted(name for name in written if (out / name).exists() and name not in owned)
   if clash:

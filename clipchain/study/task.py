@@ -24,9 +24,11 @@ class Task:
   Attributes:
     name: Shown in the report and in ``results.json``.
     init: ``init(key) -> params``, the initial parameters (any pytree of float arrays).
-    loss: ``loss(params, batch) -> scalar``, the training loss of one batch.
+    loss: ``loss(params, batch) -> scalar``, the training loss of one batch. Its value is what the
+      study reports and judges (spikes, divergence); its gradient is what trains.
     batches: ``batches(key, step) -> batch``, the batch of a step (``step`` a traced int32); the
-      same key and step always give the same batch, so every strategy sees the same data.
+      same key and step always give the same batch, so every strategy sees the same data. Checked
+      before a study trains (:func:`check_batches`).
     eval_batch: ``eval_batch(key) -> batch``, a held-out batch whose ``loss`` is reported as
       ``eval_loss`` after training (e.g. clean targets where the training labels are noisy); None
       when the task has none.
