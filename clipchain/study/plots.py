@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from clipchain.study.analysis import Row, StrategyInfo, failed
+from clipchain.study.metrics import spike_steps
 from clipchain.study.record import RunRecord
 
 DPI = 100
@@ -210,19 +211,25 @@ def over_time_figure(
   title: str,
   name: Sequence[str],
 ) -> pathlib.Path:
-  """The training loss of each strategy's run (left), and the norm the clip sees with its
-  threshold and the clipped steps for ``norm_names`` (right)."""
+  """The training loss of each strategy's run (left, a triangle where a spike starts), and the
+  norm the clip sees with its threshold and the clipped steps for ``norm_names`` (right)."""
   fig = plots.figure(11.0, 3.6)
   ax_loss, ax_norm = fig.subplots(1, 2)
   loss_values: list[float] = []
   norm_values: list[float] = []
+  initial: list[float] = []
   handles: dict[str, Any] = {}
   for s, run in first.items():
     data = curves.get(run)
     if data is None:
       continue
     loss = _finite_or_nan(data["loss"])
+    initial.append(loss[0])
     (h,) = ax_loss.plot(loss, color=color(s), lw=1.0, label=s)
+    # Where the spike rule fired, so that it can be checked against the curve by eye.
+    spiking = spike_steps(data["loss"])
+    onsets = np.flatnonzero(spiking & ~np.concatenate([[False], spiking[:-1]]) & np.isfinite(loss))
+    ax_loss.plot(onsets, loss[onsets], "v", color=color(s), ms=5, mec="black", mew=0.4)
     handles[s] = h
     loss_values += loss[np.isfinite(loss)].tolist()
     if s in norm_names and "norm" in data:
@@ -238,6 +245,12 @@ def over_time_figure(
         steps = np.flatnonzero(np.asarray(data["clipped"], bool) & np.isfinite(norm))
         ax_norm.plot(steps, norm[steps], ".", color=color(s), ms=3)
   _set_log_if_sensible(ax_loss, "y", loss_values, span=0.0)
+  starts = [float(v) for v in initial if np.isfinite(v)]
+  if starts and loss_values and max(loss_values) > 10 * max(abs(v) for v in starts):
+    # A diverging run's loss grows by tens of orders of magnitude and would flatten the others:
+    # the axis stops at ten times the largest initial loss (the run leaves the panel there).
+    bottom, _ = ax_loss.get_ylim()
+    ax_loss.set_ylim(bottom, 10 * max(abs(v) for v in starts))
   _set_log_if_sensible(ax_norm, "y", norm_values)
   for ax, values in ((ax_loss, loss_values), (ax_norm, norm_values)):
     if not values:

@@ -31,7 +31,6 @@ from clipchain.study.analysis import (
   Row,
   StrategyInfo,
   check_ordering,
-  failed,
   fmt,
   instability,
   interval_text,
@@ -345,28 +344,33 @@ def _heatmap(doc: Document, study: _Study, task: str, task_runs: list[RunRecord]
 
 def _chosen_lr(study: _Study, runs: Sequence[RunRecord]) -> tuple[float, str]:
   """The lr the over-time plot shows, and why (see the section's caption)."""
-  lrs = sorted({r.lr for r in runs}, reverse=True)
-  for lr in lrs:
-    at = [r for r in runs if r.lr == lr]
-    base_failed = any(failed(r) or r.spike_count for r in at if study.is_baseline(r.strategy))
-    others = {r.strategy for r in at if not study.is_baseline(r.strategy)}
-    saved = [s for s in others if not any(failed(r) for r in at if r.strategy == s)]
-    if base_failed and saved:
-      return (
-        lr,
-        "the highest lr at which no clipping diverged or spiked and another strategy did not "
-        "diverge",
-      )
-  return lrs[0], "the highest lr (no lr separates no clipping from the clipping strategies)"
+  found = [r for r in rescues(runs, study.infos) if r.final is not None]
+  chosen = recommend(rank(runs, study.infos)).recommended
+  if chosen is not None:
+    # The recommendation's own rescue, when it has one: the plot then shows why it was chosen.
+    found = [
+      r for r in found if (r.strategy, r.placement) == (chosen.strategy, chosen.placement)
+    ] or found
+  if found:
+    # Where no clipping diverged first, then where it only spiked.
+    best = min(found, key=lambda r: (r.baseline_failed == 0, r.final, -r.lr))
+    what = "diverged" if best.baseline_failed else "spiked"
+    return best.lr, (
+      f"where no clipping {what} and {best.strategy} reached the lowest final loss of the "
+      "strategies that did not diverge"
+    )
+  return max(r.lr for r in runs), "the highest lr (no lr separates no clipping from the others)"
 
 
 def _over_time(doc: Document, study: _Study, task: str, task_runs: list[RunRecord]) -> None:
   doc.heading(3, "Loss and the norm the clip sees, over time")
   doc.para(
-    "For one learning rate per optimizer: the highest at which no clipping diverged or spiked "
-    "while another strategy did not diverge (else the highest), placement before when run. The "
+    "For one learning rate per optimizer: of those where no clipping diverged (else spiked), the "
+    "one where a strategy that did not diverge reached the lowest final loss (else the highest), "
+    "placement before when run. The "
     "left panel shows the training loss of each strategy's first seed (gaps are non-finite "
-    "losses); the right panel the norm the clip sees (solid) with its threshold (dashed) for the "
+    "losses; a triangle marks each step where the spike rule says a spike starts); the right "
+    "panel the norm the clip sees (solid) with its threshold (dashed) for the "
     "strategies with one global threshold, dots on the steps it clipped."
   )
   for opt in _optimizers(task_runs):
