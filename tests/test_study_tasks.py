@@ -168,7 +168,7 @@ def test_outlier_batches_report_the_clean_loss_and_train_on_every_example():
   batch = {**batch, "corrupted": batch["corrupted"].at[3].set(1.0)}
   batch["targets"] = batch["targets"].at[3].add(100.0)
   loss, grads = jax.value_and_grad(t.loss)(params, batch)
-  model = tasks.TanhMLP()
+  model = tasks.DeepMLP(depth=3, zero_readout=True)
   hidden = batch["inputs"]
   for i in range(3):
     layer = params[f"hidden_{i}"]

@@ -28,7 +28,6 @@ __all__ = [
   "TASKS",
   "AddingRNN",
   "DeepMLP",
-  "TanhMLP",
   "TinyTransformerLM",
   "adding_batch",
   "get_task",
@@ -393,22 +392,27 @@ def lm(
 
 
 class DeepMLP(nn.Module):
-  """A deep fully connected network without normalization, with a scalar output.
+  """A fully connected tanh network without normalization, with a scalar output.
 
   Attributes:
     width: Units per hidden layer.
     depth: Hidden layers.
+    zero_readout: Initialise the output layer at zero, so that every seed starts at the same loss
+      (the mean square target) and the spike and divergence rules compare each run with the same
+      reference.
   """
 
   width: int = 64
   depth: int = 8
+  zero_readout: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps inputs ``(batch, features)`` to predictions ``(batch,)``."""
     for i in range(self.depth):
       x = jnp.tanh(nn.Dense(self.width, name=f"hidden_{i}")(x))
-    return nn.Dense(1, name="output")(x)[:, 0]
+    kernel_init = nn.initializers.zeros if self.zero_readout else nn.linear.default_kernel_init
+    return nn.Dense(1, kernel_init=kernel_init, name="output")(x)[:, 0]
 
 
 def _teacher(features: int, seed: int = 0) -> Callable[[jax.Array], jax.Array]:
@@ -418,6 +422,16 @@ def _teacher(features: int, seed: int = 0) -> Callable[[jax.Array], jax.Array]:
   w1 = jnp.asarray(rng.normal(size=(features, hidden)) / math.sqrt(features), jnp.float32)
   w2 = jnp.asarray(rng.normal(size=(hidden,)) / math.sqrt(hidden * 0.4), jnp.float32)
   return lambda x: jnp.tanh(x @ w1) @ w2
+
+
+#: The learning-rate grids of the MLP regression tasks (``heavy-tail``, ``outlier-batches``).
+_MLP_LRS = {
+  "sgd": (0.003, 0.01, 0.03, 0.1, 0.3),
+  "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+  "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+  "adamw": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+  "muon": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+}
 
 
 def heavy_tail_noise(key: jax.Array, shape, df: float, scale: float, bound: float) -> jax.Array:
@@ -495,13 +509,7 @@ def heavy_tail(
     batches=batches,
     eval_batch=eval_batch,
     target_loss=0.25,
-    lrs={
-      "sgd": (0.003, 0.01, 0.03, 0.1, 0.3),
-      "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-      "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-      "adamw": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-      "muon": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    },
+    lrs=_MLP_LRS,
     steps=steps,
     description=(
       f"A {depth}-layer tanh MLP without normalization regresses a smooth function from labels "
@@ -512,28 +520,6 @@ def heavy_tail(
 
 # --------------------------------------------------------------------------------------------------
 # outlier-batches
-
-
-class TanhMLP(nn.Module):
-  """A fully connected tanh network with a zero-initialised scalar readout.
-
-  The zero readout starts every seed at the same loss (the mean square target), so the spike
-  and divergence rules compare each run with the same reference.
-
-  Attributes:
-    width: Units per hidden layer.
-    depth: Hidden layers.
-  """
-
-  width: int = 64
-  depth: int = 3
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps inputs ``(batch, features)`` to predictions ``(batch,)``."""
-    for i in range(self.depth):
-      x = jnp.tanh(nn.Dense(self.width, name=f"hidden_{i}")(x))
-    return nn.Dense(1, kernel_init=nn.initializers.zeros, name="output")(x)[:, 0]
 
 
 def outlier_batch(
@@ -647,7 +633,7 @@ def outlier_batches(
     <https://arxiv.org/abs/1412.6980>`_, 2015
   """
   teacher = _teacher(features)
-  model = TanhMLP(width=width, depth=depth)
+  model = DeepMLP(width=width, depth=depth, zero_readout=True)
 
   def init(key):
     return model.init(key, jnp.zeros((1, features)))["params"]
@@ -677,13 +663,7 @@ def outlier_batches(
     batches=batches,
     eval_batch=eval_batch,
     target_loss=0.04,
-    lrs={
-      "sgd": (0.003, 0.01, 0.03, 0.1, 0.3),
-      "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-      "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-      "adamw": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-      "muon": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    },
+    lrs=_MLP_LRS,
     steps=steps,
     description=(
       f"A {depth}-layer tanh MLP regresses a smooth function; now and then one label of a batch is "
