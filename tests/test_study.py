@@ -814,3 +814,17 @@ def test_results_json_holds_the_analysis_with_intervals_over_seeds(tmp_path):
     "worse",
   }
   assert line["unstable_without_clipping"] is True  # plain SGD diverges at lr 1 in every seed
+
+
+def test_a_study_written_before_files_were_listed_is_replaced_whole(tmp_path):
+  out = tmp_path / "d"
+  run(_line_task(), out=out, **_TINY)
+  saved = json.loads((out / "results.json").read_text())
+  del saved["meta"]["files"]  # as studies wrote it before
+  (out / "results.json").write_text(json.dumps(saved))
+  (out / "plots" / "mine.png").write_text("x")
+  run(_line_task(), out=out, **_TINY)
+  assert (out / "plots" / "mine.png").read_text() == "x"
+  assert (
+    "plots/line-stability.png" in json.loads((out / "results.json").read_text())["meta"]["files"]
+  )

@@ -238,8 +238,17 @@ def _owned_files(out: pathlib.Path) -> set[str]:
       saved = json.loads(results.read_text())
       meta = saved["meta"]
       owned = set(meta.get("files") or ())
-      if not owned:  # written before the list was kept: the curves and files it names
+      if not owned:
+        # Written before studies listed their files: its curves, and the plots named after its
+        # tasks, as every version named them.
         owned = set(TOP_FILES) | {r["curves"]["file"] for r in saved["runs"] if r.get("curves")}
+        prefixes = tuple(runner.file_safe(t) for t in meta.get("tasks") or ())
+        if prefixes and (out / "plots").is_dir():
+          owned |= {
+            f"plots/{p.name}"
+            for p in (out / "plots").iterdir()
+            if p.suffix == ".png" and p.name.startswith(prefixes)
+          }
     except (OSError, ValueError, KeyError, TypeError):
       raise ValueError(
         f"out {str(out)!r} holds a results.json that is not a study's; choose another --out or "
