@@ -309,13 +309,15 @@ def test_recommendation_when_clipping_made_things_worse():
   assert all_worse.verdict == "worse"
 
 
-def test_over_clipped_runs_are_reported_as_worse():
+def test_over_clipped_runs_are_named_beside_the_verdict():
   runs = [_run("none", lr, 0.5) for lr in LRS]
   runs += [_run("global", lr, 0.5, over_clipped=lr == 1e-3) for lr in LRS]
   rec = _recommend(runs)
-  assert [(row.strategy, why) for row, why in rec.worse] == [
-    ("global", "over-clipped in 1 of 3 runs")
-  ]
+  assert rec.worse == () and rec.verdict == "indistinguishable"
+  assert rec.text.endswith(
+    "Over-clipped (the clip changed nearly every step and the loss ended above no clipping's at "
+    "the same lr and seed): global (before) in 1 of 3 runs."
+  )
 
 
 def test_recommendation_without_baseline_or_with_only_none():

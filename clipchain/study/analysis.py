@@ -381,7 +381,11 @@ def helps(row: Row) -> bool:
 
 
 def worse_reasons(row: Row, base: Row) -> list[str]:
-  """Why ``row`` is resolved worse than the baseline ``base``; empty when it is not."""
+  """Why ``row`` is resolved worse than the baseline ``base``; empty when it is not.
+
+  Over-clipped runs are reported on their own (:func:`recommend`): a strategy may over-clip at one
+  learning rate and still be the best at another.
+  """
   reasons = []
   gain, change = row.stable_gain, row.loss_change
   if gain.resolved and (gain.value or 0.0) < 0:
@@ -391,9 +395,19 @@ def worse_reasons(row: Row, base: Row) -> list[str]:
       f"best final loss {fmt(row.best_final)} vs {fmt(base.best_final)} "
       f"({interval_text(change, percent=True)})"
     )
-  if row.over_clipped:
-    reasons.append(f"over-clipped in {row.over_clipped} of {row.runs} runs")
   return reasons
+
+
+def _over_clipped_text(rows: Sequence[Row]) -> str:
+  over = [r for r in rows if r.over_clipped]
+  if not over:
+    return ""
+  return (
+    " Over-clipped (the clip changed nearly every step and the loss ended above no clipping's at "
+    "the same lr and seed): "
+    + "; ".join(f"{r.label} in {r.over_clipped} of {r.runs} runs" for r in over)
+    + "."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,9 +461,9 @@ def recommend(rows: Sequence[Row]) -> Recommendation:
   more learning rates in every bootstrap resample of the seeds, or a best final loss lower by more
   than 5 % with an interval that excludes zero. Among the rows that help, the one stable at the most
   learning rates, then with the lowest best final loss, is recommended. A row is *worse* when it is
-  resolved worse (fewer stable learning rates, or a best final loss more than 5 % higher) or
-  over-clipped. When no row helps, clipping is *indistinguishable* from no clipping, unless every
-  clipped row is worse.
+  resolved worse (fewer stable learning rates, or a best final loss more than 5 % higher). When no
+  row helps, clipping is *indistinguishable* from no clipping, unless every clipped row is worse.
+  Rows with over-clipped runs are named in the text either way.
   """
   baselines = sorted((r for r in rows if r.baseline), key=lambda r: r.placement != "before")
   clipped = sorted((r for r in rows if not r.baseline), key=rank_key)
@@ -485,7 +499,8 @@ def recommend(rows: Sequence[Row]) -> Recommendation:
       "stable lrs in every resample, or a best final loss more than 5% lower with an interval "
       "excluding zero)."
     )
-    return Recommendation(verdict, None, base, worse, f"{lead} {base_text}{worse_text}")
+    text = f"{lead} {base_text}{worse_text}{_over_clipped_text(clipped)}"
+    return Recommendation(verdict, None, base, worse, text)
   top = min(helping, key=lambda r: (-r.n_stable, rank_key(r)))
   gain = top.n_stable - base.n_stable
   extra = [lr for lr in top.stable_lrs if lr not in base.stable_lrs]
@@ -500,7 +515,7 @@ def recommend(rows: Sequence[Row]) -> Recommendation:
     f"Recommended: {top.label}, stable at {_stable_text(top)}, best final loss "
     f"{fmt(top.best_final)} ({interval_text(top.loss_change, percent=True)} vs none); {widen}."
     + (f" Also resolved better: {', '.join(others)}." if others else "")
-    + f" {base_text}{worse_text}"
+    + f" {base_text}{worse_text}{_over_clipped_text(clipped)}"
   )
   return Recommendation("helps", top, base, worse, text)
 
