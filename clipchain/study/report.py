@@ -714,14 +714,12 @@ def summary_table(runs, meta: Mapping | None = None) -> str:
     ...   for s in ("none", "global") for lr in (0.1, 1.0) for seed in range(3)
     ... ]
     >>> print(summary_table(runs))
-    task / optimizer   use                  stable lrs   best loss vs none   verdict
-    t / sgd            global (before)      2/2 vs 1/2   +0% [+0%, +0%]      helps
+    task / optimizer   use               stable lrs   best loss vs none   verdict
+    t / sgd            global (before)   2/2 vs 1/2   +0% [+0%, +0%]      helps
   """
   records = [r for r in as_records(runs) if not r.sweep]
   infos = strategy_infos(meta or {}, {r.strategy for r in records})
-  lines = [
-    f"{'task / optimizer':<18} {'use':<20} {'stable lrs':<12} {'best loss vs none':<19} verdict"
-  ]
+  table = []
   for task in sorted({r.task for r in records}):
     for opt in sorted({r.optimizer for r in records if r.task == task}):
       rows = rank([r for r in records if r.task == task and r.optimizer == opt], infos)
@@ -732,7 +730,11 @@ def summary_table(runs, meta: Mapping | None = None) -> str:
         change = interval_text(chosen.loss_change, percent=True)
       else:
         use, stable, change = "no clipping", base.stable_count if base else _DASH, _DASH
-      lines.append(
-        f"{f'{task} / {opt}':<18} {use:<20} {stable:<12} {change:<19} {recommendation.verdict}"
-      )
+      table.append((f"{task} / {opt}", use, stable, change, recommendation.verdict))
+  header = ("task / optimizer", "use", "stable lrs", "best loss vs none", "verdict")
+  widths = [max(len(row[i]) for row in [header, *table]) for i in range(4)]
+  lines = [
+    "   ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "   " + row[4]
+    for row in [header, *table]
+  ]
   return "\n".join(lines)
