@@ -379,3 +379,42 @@ def test_orbax_round_trip(tmp_path, granularity):
   assert restored.policy_state.history_length.dtype == jnp.int32
   g = jax.tree.map(lambda x: jnp.asarray(3 * x[-1]), seq)
   chex.assert_trees_all_equal(tx.update(g, restored), tx.update(g, state))
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_the_sorted_window_is_kept_without_sorting_and_gives_the_sorts_percentiles(
+  window, include_current
+):
+  """The sorted copy is updated by one removal and one insertion per step; after every step it
+  equals ``np.sort`` of the history's valid norms, and the threshold is bit for bit the one the
+  sort of that history gives, through repeated values, zeros and non-finite norms (which never
+  enter) and the buffer wrapping many times."""
+  from clipchain._src.thresholds.percentile import interpolate
+
+  rng = np.random.default_rng(window)
+  norms = rng.choice([0.5, 1.0, 1.0, 2.0, 3.0], size=60).astype(np.float32)
+  norms *= rng.uniform(0.5, 2.0, size=60).astype(np.float32) ** (rng.random(60) < 0.5)
+  norms[[7, 19, 33]] = [0.0, np.nan, np.inf]
+  policy = Percentile(37.0, window=window, include_current=include_current)
+  tx = clipchain.clip_norm(policy)
+  state = tx.init({"w": jnp.zeros(())})
+  step = jax.jit(tx.update)
+  q = jnp.float32(0.37)
+  kept: list[float] = []
+  for norm in norms:
+    before = np.sort(np.asarray(kept, np.float32))
+    if np.isfinite(norm) and norm > 0:
+      kept = [*kept, float(norm)][-window:]
+    _, state = step({"w": jnp.asarray(norm)}, state)
+    ps = state.policy_state
+    count = int(ps.history_length)
+    ordered = np.asarray(ps.ordered)
+    np.testing.assert_array_equal(ordered[:count], np.sort(np.asarray(kept, np.float32)))
+    assert np.all(np.isinf(ordered[count:]))
+    values = np.sort(np.asarray(kept, np.float32)) if include_current else before
+    padded = np.concatenate([values, np.full(window - len(values), np.inf, np.float32)])
+    if len(values):
+      expected = interpolate(jnp.asarray(padded), jnp.int32(len(values)), q)
+      if np.isfinite(norm):
+        assert float(state.threshold) == float(expected), (norm, values)

@@ -20,21 +20,23 @@ class PercentileState(NamedTuple):
   Attributes:
     history: per group, a ring buffer of its last ``window`` positive, finite pre-clip norms
       (the norm's shape plus a trailing ``window`` axis, float32); only the first
-      ``history_length`` slots are valid until the buffer has wrapped.
+      ``history_length`` slots are valid until the buffer has wrapped. It says which norm is the
+      oldest, to be dropped next.
+    ordered: per group, the same norms in ascending order, then ``inf`` in the slots not yet
+      filled: kept sorted by one insertion and one removal per update, so no update sorts.
     position: per group, the slot its next norm is written to (int32).
     history_length: per group, how many slots hold a norm, at most ``window`` (int32).
   """
 
   history: Any
+  ordered: Any
   position: Any
   history_length: Any
 
 
-def _percentile(values: jax.Array, valid: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The ``q``-quantile of the valid values of each row, interpolated linearly as
-  ``np.percentile``, and the number of valid values per row (a row without any gives ``inf``)."""
-  count = jnp.sum(valid, axis=-1, dtype=jnp.int32)
-  ordered = jnp.sort(jnp.where(valid, values, jnp.inf), axis=-1)  # valid values first
+def interpolate(ordered: jax.Array, count: jax.Array, q: jax.Array) -> jax.Array:
+  """The ``q``-quantile of the first ``count`` values of each ascending row, interpolated linearly
+  as ``np.percentile`` (from whichever end is nearer, so that it is exact at the ends)."""
   index = q * jnp.maximum(count - 1, 0).astype(jnp.float32)
   lower = jnp.floor(index)
   t = index - lower
@@ -42,9 +44,23 @@ def _percentile(values: jax.Array, valid: jax.Array, q: jax.Array) -> tuple[jax.
   upper = jnp.minimum(lower + 1, jnp.maximum(count - 1, 0))
   a = jnp.take_along_axis(ordered, lower[..., None], axis=-1)[..., 0]
   b = jnp.take_along_axis(ordered, upper[..., None], axis=-1)[..., 0]
-  # np.percentile's lerp: from whichever end is nearer, so that it is exact at t = 0 and t = 1.
   diff = b - a
-  return jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t), count
+  return jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+
+
+def _remove(ordered: jax.Array, value: jax.Array) -> jax.Array:
+  """``ordered`` without one copy of ``value`` (which it holds), ``inf`` appended at the end."""
+  at = jnp.sum(ordered < value[..., None], axis=-1, keepdims=True)  # its first copy
+  after = jnp.concatenate([ordered[..., 1:], jnp.full_like(ordered[..., :1], jnp.inf)], axis=-1)
+  return jnp.where(jnp.arange(ordered.shape[-1]) < at, ordered, after)
+
+
+def _insert(ordered: jax.Array, value: jax.Array) -> jax.Array:
+  """``value`` inserted into ``ordered`` (whose last slot is a free ``inf``), order kept."""
+  at = jnp.sum(ordered <= value[..., None], axis=-1, keepdims=True)
+  before = jnp.concatenate([ordered[..., :1], ordered[..., :-1]], axis=-1)
+  slots = jnp.arange(ordered.shape[-1])
+  return jnp.where(slots < at, ordered, jnp.where(slots == at, value[..., None], before))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +84,10 @@ class Percentile(ThresholdPolicy):
   when its gradient comes back. (The core also keeps the whole state when the tree's norm is not
   finite.) With ``include_current=True`` such a current norm is left out of its own percentile too.
 
-  Cost: the state holds ``window`` float32 values per group and each update sorts them, so a
-  granularity whose groups grow with the leaves (units, values) is refused.
+  Cost: the state holds ``window`` float32 values per group twice (in arrival order and sorted),
+  and each update inserts the new norm into the sorted copy and removes the oldest, one pass over
+  the window each instead of a sort; a granularity whose groups grow with the leaves (units,
+  values) is refused.
 
   Args:
     percentile: the percentile of the history, in ``[0, 100]`` (the paper recommends 10).
@@ -106,38 +124,44 @@ class Percentile(ThresholdPolicy):
     if granularity.groups_grow_with_size:
       raise ValueError(
         f"Percentile keeps a window of {self.window} norms per group: at {granularity!r}, whose "
-        "groups grow with the size of the leaves (units, values), that is window times the "
-        "parameters in state and a sort of them every update; use granularity='global' or "
+        "groups grow with the size of the leaves (units, values), that is twice window times the "
+        "parameters in state and a pass over them every update; use granularity='global' or "
         "'layer'."
       )
 
   def init(self, groups: Groups) -> PercentileState:
     window = int(self.window)
+    history = zeros_like_norms(groups, extra_shape=(window,))
     return PercentileState(
-      history=zeros_like_norms(groups, extra_shape=(window,)),
+      history=history,
+      ordered=jax.tree.map(lambda h: jnp.full_like(h, jnp.inf), history),
       position=zeros_like_norms(groups, jnp.int32),
       history_length=zeros_like_norms(groups, jnp.int32),
     )
 
   def __call__(self, norms, state: PercentileState, context: Context):
     q = jnp.asarray(self.percentile, jnp.float32) / 100.0
-    threshold, *fields = map_groups(functools.partial(self._step, q), 4, norms, *state)
+    threshold, *fields = map_groups(functools.partial(self._step, q), 5, norms, *state)
     return threshold, PercentileState(*fields)
 
-  def _step(self, q, norm, history, position, length):
+  def _step(self, q, norm, history, ordered, position, length):
     norm = jnp.asarray(norm, jnp.float32)
     window = history.shape[-1]
     observed = jnp.isfinite(norm) & (norm > 0)
     slots = jnp.arange(window)
-    written = jnp.where(slots == position[..., None], norm[..., None], history)
+    at_position = slots == position[..., None]
+    written = jnp.where(at_position, norm[..., None], history)
     new_history = jnp.where(observed[..., None], written, history)
+    # Once the window is full, the norm the new one overwrites leaves the sorted copy.
+    oldest = jnp.sum(jnp.where(at_position, history, 0.0), axis=-1)
+    full = (length >= window)[..., None]
+    kept = jnp.where(full, _remove(ordered, oldest), ordered)
+    new_ordered = jnp.where(observed[..., None], _insert(kept, norm), ordered)
     new_position = jnp.where(observed, (position + 1) % window, position)
     new_length = jnp.where(observed, jnp.minimum(length + 1, window), length)
-    values, count = (new_history, new_length) if self.include_current else (history, length)
-    valid = slots < count[..., None]
-    threshold, count = _percentile(values, valid, q)
-    threshold = jnp.where(count > 0, threshold, norm)
-    return threshold, new_history, new_position, new_length
+    values, count = (new_ordered, new_length) if self.include_current else (ordered, length)
+    threshold = jnp.where(count > 0, interpolate(values, count, q), norm)
+    return threshold, new_history, new_ordered, new_position, new_length
 
   def statistics(self, state: PercentileState) -> dict[str, Any]:
     return {"history_length": jax.tree.map(lambda n: n.astype(jnp.float32), state.history_length)}
