@@ -465,13 +465,13 @@ def test_statistics_are_per_run_under_vmap():
 
 
 def test_the_study_offers_stable_adamw_with_exactly_the_optimizers_it_accepts():
-  from clipchain.study.strategies import OPTIMIZERS, STRATEGIES, applies, direction_with_clip
+  from clipchain.study.strategies import OPTIMIZERS, STRATEGIES
 
   # A matrix beside a vector: Muon gives only the vector to its Adam, a nu of part of the tree.
   params = {"w": jnp.zeros(2), "k": jnp.zeros((2, 3))}
   for optimizer, direction in OPTIMIZERS.items():
-    if applies(STRATEGIES["stable-adamw"], optimizer, "after"):
-      tx = direction_with_clip(STRATEGIES["stable-adamw"], optimizer, "after", None, 1.0)
+    if STRATEGIES["stable-adamw"].applies(optimizer, "after"):
+      tx = STRATEGIES["stable-adamw"].transform(optimizer, "after", None, 1.0)
       assert tx.init(params).b2 == 0.999, optimizer
     else:
       with pytest.raises(

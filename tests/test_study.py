@@ -579,7 +579,7 @@ def test_the_subset_strategy_clips_only_muons_adamw_leaves_at_their_warm_up_norm
   import optax
 
   import clipchain as cc
-  from clipchain.study.strategies import STRATEGIES, Calibration, direction_with_clip
+  from clipchain.study.strategies import STRATEGIES, Calibration
 
   task = _matrix_task()
   params = task.init(jax.random.PRNGKey(0))
@@ -591,7 +591,7 @@ def test_the_subset_strategy_clips_only_muons_adamw_leaves_at_their_warm_up_norm
   ]
   calibration = Calibration(global_norm=3.0, layer_norm=2.0, abs_p99=0.5, subset_norm=0.05)
   ours = optax.chain(
-    direction_with_clip(STRATEGIES["global-subset"], "muon", "before", calibration, 1.0),
+    STRATEGIES["global-subset"].transform("muon", "before", calibration, 1.0),
     optax.scale(-0.02),
   )
   # Levanter's arrangement, written by hand: the clip inside the AdamW branch of Muon's partition.

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from clipchain.study.metrics import finite_or_none
 from clipchain.study.record import RunRecord
 
 #: A best final loss within this relative distance of the baseline's counts as no difference, even
@@ -54,17 +55,7 @@ def strategy_infos(meta: Mapping, names: Iterable[str]) -> dict[str, StrategyInf
 
     for name in sorted(names - set(described)):
       known = STRATEGIES.get(name)
-      described[name] = (
-        {}
-        if known is None
-        else dict(
-          rule=known.rule,
-          baseline=known.baseline,
-          fixed=known.fixed,
-          global_threshold=known.global_threshold,
-          swept=known.swept,
-        )
-      )
+      described[name] = {} if known is None else known.describe()
   fields = {f.name for f in dataclasses.fields(StrategyInfo)} - {"name"}
   infos = {
     name: StrategyInfo(name, **{k: v for k, v in info.items() if k in fields})
@@ -151,10 +142,7 @@ def relative(value: float | None, base: float | None) -> float | None:
 
 
 def _finite(value) -> float | None:
-  if value is None:
-    return None
-  value = float(value)
-  return value if math.isfinite(value) else None
+  return None if value is None else finite_or_none(value)
 
 
 def failed(run: RunRecord) -> bool:
@@ -350,17 +338,13 @@ def rank(runs: Sequence[RunRecord], infos: Mapping[str, StrategyInfo] | None = N
   compared with the baseline."""
   infos = infos or strategy_infos({}, {r.strategy for r in runs})
   base = baseline_runs(runs, infos) or None
-  groups: dict[tuple[str, str], list[RunRecord]] = {}
-  for run in runs:
+  rows = []
+  for (name, placement), group in _groups(runs).items():
+    is_base = infos.get(name, StrategyInfo(name)).baseline
     # The baseline's runs are the same in either placement: it gets one row.
-    is_base = infos.get(run.strategy, StrategyInfo(run.strategy)).baseline
-    if base is not None and is_base and run.placement != base[0].placement:
+    if base is not None and is_base and placement != base[0].placement:
       continue
-    groups.setdefault((run.strategy, run.placement), []).append(run)
-  rows = [
-    summarize(g, base, infos.get(name, StrategyInfo(name)).baseline)
-    for (name, _), g in groups.items()
-  ]
+    rows.append(summarize(group, base, is_base))
   return sorted(rows, key=rank_key)
 
 

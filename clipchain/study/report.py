@@ -57,6 +57,15 @@ class _Study:
   plots: plotting.Plots
   curves: plotting.Curves
   colors: dict[str, Any]
+  ranked: dict[tuple[str, str], list[Row]] = dataclasses.field(default_factory=dict)
+
+  def rows(self, task: str, optimizer: str) -> list[Row]:
+    """The ranked rows of a task and optimizer, computed once for every section that shows them
+    (each row's intervals are a bootstrap over the seeds)."""
+    if (task, optimizer) not in self.ranked:
+      runs = [r for r in self.runs if r.task == task and r.optimizer == optimizer]
+      self.ranked[(task, optimizer)] = rank(runs, self.infos)
+    return self.ranked[(task, optimizer)]
 
   def color(self, strategy: str, slot: int = 0):
     return self.colors.get(strategy, "gray")
@@ -144,8 +153,7 @@ def _answer(doc: Document, study: _Study) -> None:
     info = (study.meta.get("tasks") or {}).get(task) or {}
     if info.get("description"):
       doc.para(str(info["description"]))
-    rows_by_opt = {opt: rank([r for r in task_runs if r.optimizer == opt], study.infos)
-                   for opt in _optimizers(task_runs)}  # fmt: skip
+    rows_by_opt = {opt: study.rows(task, opt) for opt in _optimizers(task_runs)}
     doc.table(
       [
         "optimizer",
@@ -294,7 +302,7 @@ def _ranked_tables(doc: Document, study: _Study, task_runs: list[RunRecord]) -> 
     "cost (x none)",
   ]
   for opt in _optimizers(task_runs):
-    rows = rank([r for r in task_runs if r.optimizer == opt], study.infos)
+    rows = study.rows(task_runs[0].task, opt)
     doc.heading(4, f"Optimizer {opt}")
     doc.table(
       header,
@@ -475,10 +483,7 @@ def _before_after(doc: Document, study: _Study, task: str, task_runs: list[RunRe
   doc.heading(3, "Before versus after the optimizer")
   pairs = []
   for opt in _optimizers(task_runs):
-    rows = {
-      (r.strategy, r.placement): r
-      for r in rank([r for r in task_runs if r.optimizer == opt], study.infos)
-    }
+    rows = {(r.strategy, r.placement): r for r in study.rows(task, opt)}
     for s in study.order(k[0] for k in rows):
       if not study.is_baseline(s) and (s, "before") in rows and (s, "after") in rows:
         pairs.append((opt, s, rows[(s, "before")], rows[(s, "after")]))

@@ -81,6 +81,16 @@ class Strategy:
     if self.fixed:
       object.__setattr__(self, "calibrated", True)
 
+  def describe(self) -> dict:
+    """What the report needs to know of the strategy (``results.json``'s ``meta["strategies"]``)."""
+    return {
+      "rule": self.rule,
+      "baseline": self.baseline,
+      "fixed": self.fixed,
+      "global_threshold": self.global_threshold,
+      "swept": self.swept,
+    }
+
   def applies(self, optimizer: str, placement: str) -> bool:
     """Whether the strategy is run with ``optimizer`` in ``placement`` (see the attributes)."""
     if self.optimizers is not None and optimizer not in self.optimizers:
@@ -327,20 +337,3 @@ DEFAULT_LRS: dict[str, tuple[float, ...]] = {
   "muon": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
 }
 """Learning-rate grids for a task that gives none of its own: log-spaced, stable to unstable."""
-
-
-def direction_with_clip(
-  strategy: Strategy,
-  optimizer: str,
-  placement: str,
-  calibration: Calibration | None,
-  multiplier: float,
-  probe: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformation:
-  """:meth:`Strategy.transform` of ``strategy``."""
-  return strategy.transform(optimizer, placement, calibration, multiplier, probe)
-
-
-def applies(strategy: Strategy, optimizer: str, placement: str) -> bool:
-  """:meth:`Strategy.applies` of ``strategy``."""
-  return strategy.applies(optimizer, placement)

@@ -371,11 +371,8 @@ def _check_strategies(strategies) -> tuple[Strategy, ...]:
     if isinstance(item, Strategy):
       strategy = item
     elif isinstance(item, str):
-      if item not in STRATEGIES:
-        raise ValueError(
-          f"strategies holds an unknown name {item!r}; choose from {', '.join(STRATEGIES)}."
-        )
-      strategy = STRATEGIES[item]
+      (name,) = _check_names("strategies", (item,), STRATEGIES)
+      strategy = STRATEGIES[name]
     else:
       raise TypeError(f"strategies must hold names or Strategy objects, got {item!r}.")
     if strategy.name in chosen and chosen[strategy.name] != strategy:
@@ -562,16 +559,7 @@ def _run_cells(tasks, strategies, cells, grids, out, resume, progress, verbose, 
       }
       for t in tasks
     },
-    "strategies": {
-      s.name: {
-        "rule": s.rule,
-        "baseline": s.baseline,
-        "fixed": s.fixed,
-        "global_threshold": s.global_threshold,
-        "swept": s.swept,
-      }
-      for s in strategies
-    },
+    "strategies": {s.name: s.describe() for s in strategies},
     "published_orderings": [c.to_json() for c in PAPER_COMPARISONS],
     "metrics": {
       "final_fraction": metrics.FINAL_FRACTION,
