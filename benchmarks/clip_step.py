@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +76,24 @@ def _scanned(path: str, leaf) -> int:
   return 1 if leaf.ndim == 3 else 0
 
 
+class OwnStep(NamedTuple):
+  """A variant that brings its own training step instead of ``tx.update`` + ``apply_updates``."""
+
+  init: Callable[[Any], Any]
+  step: Callable[..., tuple[Any, Any]]
+
+
+def _guarded(guard: optax.GradientTransformation) -> OwnStep:
+  """A guard run by ``clipchain.guarded_step``: the update and its application under one cond."""
+  return OwnStep(guard.init, clipchain.guarded_step(guard))
+
+
+def _clipped_adam() -> optax.GradientTransformation:
+  return optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam())
+
+
 # Name -> factory of the whole optimizer. Ratios are taken against BASELINE, which always runs.
-VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
+VARIANTS: dict[str, Callable[[], optax.GradientTransformation | OwnStep]] = {
   "adam": _adam,
   "optax clip + adam": lambda: optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()),
   "clipchain clip + adam": lambda: optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam()),
@@ -143,11 +159,14 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "optax apply_if_finite(clip + adam)": lambda: optax.apply_if_finite(
     optax.chain(optax.clip_by_global_norm(MAX_NORM), _adam()), max_consecutive_errors=10
   ),
-  "skip_nonfinite(clip + adam)": lambda: clipchain.skip_nonfinite(
-    optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam())
-  ),
+  "skip_nonfinite(clip + adam)": lambda: clipchain.skip_nonfinite(_clipped_adam()),
   "skip_spikes(skip_nonfinite(clip + adam))": lambda: clipchain.skip_spikes(
-    clipchain.skip_nonfinite(optax.chain(clipchain.clip_by_global_norm(MAX_NORM), _adam()))
+    clipchain.skip_nonfinite(_clipped_adam())
+  ),
+  # The same guards as a step that owns the application: decide first, then one lax.cond.
+  "guarded_step(skip_nonfinite)": lambda: _guarded(clipchain.skip_nonfinite(_clipped_adam())),
+  "guarded_step(skip_spikes(skip_nonfinite))": lambda: _guarded(
+    clipchain.skip_spikes(clipchain.skip_nonfinite(_clipped_adam()))
   ),
 }
 
@@ -198,8 +217,8 @@ class Workload:
     """What the step takes besides params and state: here the gradients themselves."""
     return self.make_params(seed)
 
-  def make_step(self, tx: optax.GradientTransformation):
-    return optimizer_step(tx)
+  def make_step(self, tx: optax.GradientTransformation | OwnStep):
+    return tx.step if isinstance(tx, OwnStep) else optimizer_step(tx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,6 +410,7 @@ QUICK_BF16_VARIANTS = (
   "stable_spam_clip + adam",
   "clip_by_second_moment(adam)",
   "skip_nonfinite(clip + adam)",
+  "guarded_step(skip_nonfinite)",
 )
 QUICK_WORKLOADS = {
   "large": Workload("large", 8, (128, 64)),
@@ -411,10 +431,11 @@ QUICK_WORKLOADS = {
 }
 
 
-def count_fusions(hlo_text: str) -> int:
+def count_fusions(hlo_text: str, branches: bool = False) -> int:
   """Fusion instructions in optimized HLO text that every step runs: roughly, the kernels launched
-  per step. The branches of a conditional are left out: clipchain measures a norm again, scaled,
-  only in the branch taken where its float32 sum of squares overflowed."""
+  per step. The branches of a conditional are left out (clipchain measures a norm again, scaled,
+  only in the branch taken where its float32 sum of squares overflowed), except with
+  ``branches`` those of a conditional that returns matrices: a guarded step's update."""
   bodies = {
     m.group(2): m.group(3)
     for m in re.finditer(r"^(ENTRY )?%(\S+) \(.*?\{\n(.*?)^\}", hlo_text, re.M | re.S)
@@ -429,6 +450,13 @@ def count_fusions(hlo_text: str) -> int:
       continue
     seen.add(name)
     todo.extend(re.findall(r"\b(?:calls|body|condition|to_apply)=%([\w.\-]+)", bodies[name]))
+    if branches:
+      for line in re.findall(r"^.* conditional\(.*$", bodies[name], re.M):
+        # The update's conditional returns the parameters (arrays of rank 2 here); the rescues
+        # of a norm return norms, and stay out as above.
+        if re.search(r"\[\d+,\d+", line.split(" conditional(")[0]):
+          todo.extend(re.findall(r"_computations?=\{?%([\w.\-]+)", line))
+          todo.extend(re.findall(r", %([\w.\-]+)", line.split("branch_computations={")[-1]))
   return sum(len(re.findall(r"\bfusion\(", bodies[name])) for name in seen)
 
 
@@ -470,7 +498,7 @@ def _prepare(name, factory, workload, grads, grad_bytes, dump_hlo: str | None) -
     "variant": name,
     "lower_s": lowered_at - start,
     "compile_s": compiled_at - start,
-    "fusions": count_fusions(hlo),
+    "fusions": count_fusions(hlo, branches=isinstance(tx, OwnStep)),
     "temp_bytes": temp,
     "temp_over_grads": temp / grad_bytes,
     "argument_bytes": int(memory.argument_size_in_bytes),

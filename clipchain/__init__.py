@@ -12,6 +12,7 @@ from clipchain._src.clip_norm import ClipNormState, clip_norm
 from clipchain._src.guards.check import check_guards
 from clipchain._src.guards.nonfinite import SkipNonFiniteState, skip_nonfinite
 from clipchain._src.guards.spikes import SkipSpikesState, skip_spikes
+from clipchain._src.guards.step import guarded_step
 from clipchain._src.monitor import MonitorState, monitor
 from clipchain._src.per_example import per_example_global_norm_clip, per_example_layer_norm_clip
 from clipchain._src.presets.adagc import adagc
@@ -37,6 +38,7 @@ __all__ = [
   "SkipNonFiniteState",
   "SkipSpikesState",
   "check_guards",
+  "guarded_step",
   "skip_nonfinite",
   "skip_spikes",
   "ClipBySecondMomentState",

@@ -13,6 +13,10 @@ Three rules hold everywhere in clipchain and live only here:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -44,8 +48,50 @@ def squares(x: jax.Array) -> jax.Array:
   return x * x
 
 
+# Sums of squares already computed for particular arrays (see known_squares): id -> (array, sum).
+_KNOWN_SQUARES: contextvars.ContextVar[dict[int, tuple[jax.Array, jax.Array]] | None] = (
+  contextvars.ContextVar("known_squares", default=None)
+)
+
+
+@contextlib.contextmanager
+def known_squares(arrays: Sequence[jax.Array], sums: Sequence[jax.Array]) -> Iterator[None]:
+  """Within the block, :func:`sum_of_squares` of one of ``arrays`` (the very object, over all its
+  axes) returns its entry of ``sums`` instead of reading the array again.
+
+  This is how a step that measured the gradients before deciding what to do with them (a guarded
+  step, whose decision comes before the ``lax.cond`` that runs the update) lets the clip inside
+  reuse that measurement: XLA does not merge a reduction outside a conditional with the same one
+  inside it. Matching on identity makes a stale entry impossible to hit: another array, even an
+  equal one, is measured as usual.
+  """
+  known = dict(_KNOWN_SQUARES.get() or {})
+  known.update({id(x): (x, s) for x, s in zip(arrays, sums, strict=True)})
+  token = _KNOWN_SQUARES.set(known)
+  try:
+    yield
+  finally:
+    _KNOWN_SQUARES.reset(token)
+
+
+def _known_sum(x, axis, keepdims: bool) -> jax.Array | None:
+  known = _KNOWN_SQUARES.get()
+  entry = None if known is None else known.get(id(x))
+  if entry is None or entry[0] is not x or keepdims:
+    return None
+  ndim = jnp.ndim(x)
+  if axis is not None:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if sorted(a % ndim for a in axes) != list(range(ndim)):
+      return None
+  return entry[1]
+
+
 def sum_of_squares(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
   """Sum of ``|x|²`` over ``axis``, accumulated in float32 whatever ``x.dtype`` is."""
+  known = _known_sum(x, axis, keepdims)
+  if known is not None:
+    return known
   return jnp.sum(squares(x), axis=axis, keepdims=keepdims)
 
 

@@ -121,11 +121,7 @@ def skip_nonfinite(
       axis_names=axis_names,
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    distributed.check_bound(axis_names, name)
-    new_updates, new_inner, norm = skipping.run_inner(
-      inner, updates, state.inner_state, params, extra_args, axis_names
-    )
+  def judge(state, norm, extra_args):
     ok = jnp.isfinite(norm)
     loss = skipping.as_scalar_loss(extra_args.get("loss"), axis_names)
     if loss is not None:
@@ -135,17 +131,14 @@ def skip_nonfinite(
     exceeded = state.limit_exceeded
     if max_consecutive is not None:
       exceeded |= consecutive > max_consecutive
-    new_state = SkipNonFiniteState(
-      inner_state=skipping.select_state(ok, new_inner, state.inner_state),
+    judged = state._replace(
       grad_norm=norm.astype(jnp.float32),
       skipped=~ok,
       total_skipped=state.total_skipped + (~ok).astype(jnp.int32),
       consecutive_skipped=consecutive,
       limit_exceeded=exceeded,
-      name=state.name,
-      max_consecutive=state.max_consecutive,
-      axis_names=state.axis_names,
     )
-    return skipping.decide(ok, new_updates, new_state, state)
+    return ok, skipping.keep_own_dtypes(judged, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  guard = skipping.Guard(inner, judge, name, SkipNonFiniteState, axis_names)
+  return skipping.guard_transform(guard, init_fn)

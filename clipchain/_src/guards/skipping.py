@@ -10,6 +10,8 @@ turn a ``-0.0`` parameter into ``+0.0``; multiplying by 0 would keep a NaN, ``0 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -58,18 +60,59 @@ def select_state(keep_new: jax.Array, new, old):
   return jax.tree.map(pick, new, old, is_leaf=is_guard_state)
 
 
-def decide(keep_new: jax.Array, new_updates, new_state, old_state):
-  """What a guard's update returns: the inner updates, or an update that changes nothing, and its
-  new state with its own fields in the dtypes ``init`` gave them (the inner state is the inner
-  transform's to keep)."""
-  new_state = new_state._replace(
+def keep_own_dtypes(new_state, old_state):
+  """A guard's new state with its own fields in the dtypes ``init`` gave them (the inner state is
+  the inner transform's to keep)."""
+  return new_state._replace(
     **{
       f: keep_dtypes(getattr(new_state, f), getattr(old_state, f))
       for f in type(new_state).array_fields
       if f != "inner_state"
     }
   )
-  return select(keep_new, new_updates, skip_update(new_updates)), new_state
+
+
+# judge(state, norm, extra_args) -> (keep_new, state): whether the step is applied, and the guard's
+# state with its own fields updated for this step and its inner state as it was.
+Judge = Callable[[Any, jax.Array, dict[str, Any]], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+  """What a guard is made of: the transform it wraps and how it judges a step.
+
+  The transform form (:func:`guard_transform`) and :func:`clipchain.guarded_step` are two ways of
+  running the same three pieces, so they decide alike.
+  """
+
+  inner: optax.GradientTransformationExtraArgs
+  judge: Judge
+  name: str
+  state_type: type
+  axis_names: tuple[str, ...] = ()
+
+
+def guard_transform(guard: Guard, init_fn) -> optax.GradientTransformationExtraArgs:
+  """The guard as a transform: the inner update always computed, then kept or replaced by an
+  update that changes nothing, and the inner state selected leaf by leaf."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    distributed.check_bound(guard.axis_names, guard.name)
+    new_updates, new_inner, norm = run_inner(
+      guard.inner, updates, state.inner_state, params, extra_args, guard.axis_names
+    )
+    ok, judged = guard.judge(state, norm, extra_args)
+    new_state = judged._replace(inner_state=select_state(ok, new_inner, state.inner_state))
+    return select(ok, new_updates, skip_update(new_updates)), new_state
+
+  # The pieces travel with the transform, for guarded_step to take apart.
+  update_fn.clipchain_guard = guard  # type: ignore[attr-defined]
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def guard_of(tx) -> Guard | None:
+  """The pieces of a transform built by :func:`guard_transform`; ``None`` for anything else."""
+  return getattr(getattr(tx, "update", None), "clipchain_guard", None)
 
 
 def input_norm(inner_state, axis_names: tuple[str, ...] = ()) -> jax.Array | None:

@@ -179,13 +179,9 @@ def skip_spikes(
       axis_names=axis_names,
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    distributed.check_bound(axis_names, name)
+  def judge(state, norm, extra_args):
     size = state.history.shape[-1]
     least = min(max(size // 2, 2), size) if min_history is None else min_history
-    new_updates, new_inner, norm = skipping.run_inner(
-      inner, updates, state.inner_state, params, extra_args, axis_names
-    )
     values = []
     for quantity in watch:
       if quantity == "grad_norm":
@@ -213,8 +209,7 @@ def skip_spikes(
     # never does.
     enters = finite & (ok | jnp.asarray(record_skipped, jnp.bool_))
     written = state.history.at[:, state.position].set(x)
-    new_state = SkipSpikesState(
-      inner_state=skipping.select_state(ok, new_inner, state.inner_state),
+    judged = state._replace(
       history=jnp.where(enters, written, state.history),
       position=jnp.where(enters, (state.position + 1) % size, state.position),
       filled=jnp.where(enters, jnp.minimum(state.filled + 1, size), state.filled),
@@ -222,11 +217,8 @@ def skip_spikes(
       zscore=zscore,
       skipped=~ok,
       total_skipped=state.total_skipped + (~ok).astype(jnp.int32),
-      settings=state.settings,
-      name=state.name,
-      watch=state.watch,
-      axis_names=state.axis_names,
     )
-    return skipping.decide(ok, new_updates, new_state, state)
+    return ok, skipping.keep_own_dtypes(judged, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  guard = skipping.Guard(inner, judge, name, SkipSpikesState, axis_names)
+  return skipping.guard_transform(guard, init_fn)
