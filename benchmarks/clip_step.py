@@ -111,6 +111,10 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation | OwnStep]] = {
   # Value clipping: it can fuse into the optimizer's pass; its statistics need a read.
   "optax value clip + adam": lambda: optax.chain(optax.clip(0.001), _adam()),
   "clipchain value clip + adam": lambda: optax.chain(clipchain.clip(0.001), _adam()),
+  # The clipped norm and fraction, opt-in: each a compare or min per value, a pass of its own here.
+  "value clip with clip_statistics + adam": lambda: optax.chain(
+    clipchain.clip(0.001, clip_statistics=True), _adam()
+  ),
   # Per-layer norms: one read of the gradients, as the global clip.
   "optax block rms + adam": lambda: optax.chain(optax.clip_by_block_rms(1.0), _adam()),
   "clipchain block rms + adam": lambda: optax.chain(clipchain.clip_by_block_rms(1.0), _adam()),

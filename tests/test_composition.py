@@ -41,7 +41,7 @@ class Case(TransformCase):
 # Thresholds sit away from the norms of both the raw gradients and Adam's ~±1 outputs, so that no
 # group is within rounding of its threshold, and every case clips some groups at every step.
 CASES = [
-  Case("clip", lambda: clipchain.clip(0.8), "element", 0.8),
+  Case("clip", lambda: clipchain.clip(0.8, clip_statistics=True), "element", 0.8),
   Case("clip_by_global_norm", lambda: clipchain.clip_by_global_norm(2.5), "global", 2.5),
   Case("clip_by_block_rms", lambda: clipchain.clip_by_block_rms(0.6), "rms", 0.6),
   Case("clip_by_layer_norm", lambda: clipchain.clip_by_layer_norm(1.7), "layer", 1.7),
@@ -182,8 +182,13 @@ def test_vmap(case):
       np.testing.assert_allclose(value[b], ref_stats[key], rtol=2e-5)
 
 
+def clip_with_statistics(max_delta):
+  """The value clip with its clipped norm and fraction, which the reference checks."""
+  return clipchain.clip(max_delta, clip_statistics=True)
+
+
 INJECTABLE = [
-  (clipchain.clip, "max_delta", "element", 0.8, 0.3),
+  (clip_with_statistics, "max_delta", "element", 0.8, 0.3),
   (clipchain.clip_by_global_norm, "max_norm", "global", 1.0, 2.0),
   (clipchain.clip_by_block_rms, "threshold", "rms", 0.9, 0.4),
   (clipchain.clip_by_layer_norm, "max_norm", "layer", 2.2, 1.0),

@@ -1,4 +1,5 @@
-"""Every transform and guard gives its single-device result under pmap, shard_map and sharded jit.
+"""Every transform and guard (also as a guarded step) gives its single-device result under pmap,
+shard_map and sharded jit.
 
 The 8 CPU devices are forced in ``conftest.py``, before any test module creates an array. Each
 transform runs a few steps (past every warmup, with a spike at ``SPIKE``) in each setting and is
@@ -68,7 +69,7 @@ def _sgd(preset):
 # Each entry builds the whole optimizer for a given axis_name; the presets are followed by SGD so
 # that their output moves the parameters (and AGC sees them move).
 TRANSFORMS = {
-  "clip": _sgd(lambda a: clipchain.clip(0.3, axis_name=a)),
+  "clip": _sgd(lambda a: clipchain.clip(0.3, clip_statistics=True, axis_name=a)),
   "clip_by_global_norm": _sgd(lambda a: clipchain.clip_by_global_norm(5.0, axis_name=a)),
   "clip_by_block_rms": _sgd(lambda a: clipchain.clip_by_block_rms(0.2, axis_name=a)),
   "clip_by_layer_norm": _sgd(lambda a: clipchain.clip_by_layer_norm(2.0, axis_name=a)),
@@ -92,13 +93,38 @@ TRANSFORMS = {
     _inner(a), window=4, min_history=2, sigma=2.0, axis_name=a
   ),
 }
+
+
+def _guarded(make_guard):
+  """A guard run by clipchain.guarded_step, seen as a transform whose update is the step's change
+  of the parameters, so that every check here applies to it unchanged."""
+
+  def build(axis_name=None):
+    guard = make_guard(axis_name)
+    step = clipchain.guarded_step(guard)
+
+    def update(grads, state, params):
+      new_params, state = step(params, state, grads)
+      return jax.tree.map(lambda n, p: n - p, new_params, params), state
+
+    return optax.GradientTransformation(guard.init, update)
+
+  return build
+
+
+TRANSFORMS["guarded_step(skip_nonfinite)"] = _guarded(TRANSFORMS["skip_nonfinite"])
+TRANSFORMS["guarded_step(skip_spikes)"] = _guarded(TRANSFORMS["skip_spikes"])
 GUARDS = ("skip_nonfinite", "skip_spikes")
+GUARDED_STEPS = {
+  "guarded_step(skip_nonfinite)": "skip_nonfinite",
+  "guarded_step(skip_spikes)": "skip_spikes",
+}
 # Transforms that change every group on every step by design (the normalize rule).
 ALWAYS_ACTS = ("normalize",)
 # The name of the clip whose statistics say how much was clipped, per transform.
 CLIP_NAME = (
   {name: name for name in TRANSFORMS}
-  | {g: "clip_by_global_norm" for g in GUARDS}
+  | {g: "clip_by_global_norm" for g in (*GUARDS, *GUARDED_STEPS)}
   | {"stable_spam_clip": "stable_spam_clip_adaclip"}
 )
 
@@ -264,7 +290,14 @@ def _assert_clipped_to_threshold(name, stats):
   )
 
 
-GLOBAL_CLIPS = ("clip_by_global_norm", "autoclip", "zclip", "quantile_clip", *GUARDS)
+GLOBAL_CLIPS = (
+  "clip_by_global_norm",
+  "autoclip",
+  "zclip",
+  "quantile_clip",
+  *GUARDS,
+  *GUARDED_STEPS,
+)
 
 
 def test_devices():
@@ -530,7 +563,7 @@ def test_jit_fsdp(name, axis_type):
 # A NaN in one device's shard
 
 
-@pytest.mark.parametrize("name", GUARDS)
+@pytest.mark.parametrize("name", [*GUARDS, *GUARDED_STEPS])
 def test_nan_in_one_shard_skips_everywhere_shard_map(name):
   """A NaN in one data shard of the dense kernel's second "model" half: after the pmean over
   "data" only the devices of that half hold it, and the guard's norm across "model" makes every
@@ -540,13 +573,14 @@ def test_nan_in_one_shard_skips_everywhere_shard_map(name):
   _assert_same_on_every_device(out, "")
   _, stats, params, state = out
   _, ref_stats, ref_params, ref_state = _reference(name, without_step=NAN_STEP)
-  expected = np.insert(np.asarray(ref_stats[f"{name}/skipped"]), NAN_STEP, 1.0)
-  np.testing.assert_array_equal(np.asarray(stats[f"{name}/skipped"]), expected)
+  key = f"{GUARDED_STEPS.get(name, name)}/skipped"
+  expected = np.insert(np.asarray(ref_stats[key]), NAN_STEP, 1.0)
+  np.testing.assert_array_equal(np.asarray(stats[key]), expected)
   _assert_close(params, ref_params, "params")
   _assert_close(state.inner_state, ref_state.inner_state, "state")
 
 
-@pytest.mark.parametrize("name", GUARDS)
+@pytest.mark.parametrize("name", [*GUARDS, *GUARDED_STEPS])
 def test_nan_in_one_shard_skips_everywhere_pmap(name):
   """Model-parallel pmap, the NaN in device 5's rows: every device skips with axis_name; without
   it only device 5 does, so the devices' optimizer states part."""
@@ -554,13 +588,14 @@ def test_nan_in_one_shard_skips_everywhere_pmap(name):
   _, stats, params, state = _run_model_parallel(name, grads)
   _assert_stacked_identical(stats, "stats ")
   _, ref_stats, ref_params, ref_state = _reference(name, without_step=NAN_STEP)
-  expected = np.insert(np.asarray(ref_stats[f"{name}/skipped"]), NAN_STEP, 1.0)
-  np.testing.assert_array_equal(np.asarray(stats[f"{name}/skipped"][0]), expected)
+  key = f"{GUARDED_STEPS.get(name, name)}/skipped"
+  expected = np.insert(np.asarray(ref_stats[key]), NAN_STEP, 1.0)
+  np.testing.assert_array_equal(np.asarray(stats[key][0]), expected)
   _assert_close(jax.tree.map(_unsplit, params), ref_params, "params")
   _assert_close(_gather_model_parallel(state.inner_state), ref_state.inner_state, "state")
 
   _, local_stats, _, _ = _run_model_parallel(name, grads, axis_name=None)
-  skipped = np.asarray(local_stats[f"{name}/skipped"])[:, NAN_STEP]
+  skipped = np.asarray(local_stats[key])[:, NAN_STEP]
   np.testing.assert_array_equal(skipped, np.arange(N) == 5)
 
 

@@ -26,7 +26,7 @@ LEAF_PATHS = ("a/b", "a/w", "c")
 
 # (default name, factory(**kwargs), reference kind, threshold, layer names or None).
 TRANSFORMS = [
-  ("clip", lambda **kw: clipchain.clip(0.7, **kw), "element", 0.7, None),
+  ("clip", lambda **kw: clipchain.clip(0.7, clip_statistics=True, **kw), "element", 0.7, None),
   (
     "clip_by_global_norm",
     lambda **kw: clipchain.clip_by_global_norm(2.0, **kw),
@@ -64,6 +64,17 @@ def expected_keys(name: str, layers) -> set[str]:
     | {f"{name}/norm/{layer}" for layer in layers}
     | {f"{name}/threshold/{layer}" for layer in layers}
   )
+
+
+def test_value_clip_measures_its_clipped_norm_and_fraction_only_when_asked():
+  """By default the value clip reports the norm and the threshold, nothing it did not measure."""
+  default = clipchain.stats(one_step(clipchain.clip(0.7)))
+  assert set(default) == {"clip/norm", "clip/threshold"}
+  full = clipchain.stats(one_step(clipchain.clip(0.7, clip_statistics=True)))
+  assert float(default["clip/norm"]) == float(full["clip/norm"]) > 0
+  assert 0 < float(full["clip/clipped_fraction"]) < 1
+  with pytest.raises(TypeError, match="clip_statistics must be a bool; got 1"):
+    clipchain.clip(0.7, clip_statistics=1)
 
 
 def one_step(tx, grads=None):
@@ -110,7 +121,9 @@ def test_duplicate_names_never_overwrite_an_explicit_name():
 
 
 def test_different_transforms_same_name_are_disambiguated():
-  tx = optax.chain(clipchain.clip(5.0, name="c"), clipchain.clip_by_layer_norm(1.0, name="c"))
+  tx = optax.chain(
+    clipchain.clip(5.0, clip_statistics=True, name="c"), clipchain.clip_by_layer_norm(1.0, name="c")
+  )
   stats = clipchain.stats(one_step(tx))
   assert set(stats) == expected_keys("c", None) | expected_keys("c_1", LEAF_PATHS)
 
@@ -154,7 +167,9 @@ def test_found_through_wrappers(wrapper):
 
 def test_several_states_in_one_wrapped_optimizer():
   tx = optax.chain(
-    optax.inject_hyperparams(clipchain.clip)(max_delta=10.0),
+    optax.inject_hyperparams(clipchain.clip, static_args=("clip_statistics",))(
+      max_delta=10.0, clip_statistics=True
+    ),
     optax.masked(clipchain.clip_by_layer_norm(1.0, name="layers"), {"a": True, "c": False}),
     optax.scale_by_adam(),
     clipchain.clip_by_global_norm(1.0),

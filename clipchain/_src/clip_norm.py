@@ -17,6 +17,7 @@ from clipchain._src import state as state_lib
 from clipchain._src.granularity import (
   Granularity,
   GranularityLike,
+  Summary,
   as_granularity,
   broadcast_like,
   is_scalar,
@@ -81,10 +82,13 @@ class ClipNormState(NamedTuple):
   Attributes:
     count: number of updates made (int32).
     norm: the L2 norm of the whole update before clipping.
-    clipped_norm: the L2 norm of the whole update after clipping.
+    clipped_norm: the L2 norm of the whole update after clipping (0, and not reported by
+      :func:`clipchain.stats`, where the granularity does not measure it: ``clip`` without
+      ``clip_statistics=True``).
     threshold: the threshold applied, summarised by the granularity: a scalar; one per layer with
       the layer granularity; the mean over units or values where they differ.
-    clipped_fraction: the fraction of groups (the tree, layers, units or values) scaled down.
+    clipped_fraction: the fraction of groups (the tree, layers, units or values) scaled down
+      (as ``clipped_norm``, where measured).
     layer_norms: the norm of each layer before clipping (layer granularity; else ``()``: Orbax
       cannot save a zero-size array).
     policy_state: the threshold policy's own state.
@@ -101,6 +105,7 @@ class ClipNormState(NamedTuple):
     signature: the paths and shapes of the tree ``init`` saw (static).
     granularity: the granularity as it applies to the tree ``init`` saw (static; see
       :meth:`clipchain.granularity.Granularity.bind`), or ``None`` when that is the transform's.
+    reports_clipping: whether ``clipped_norm`` and ``clipped_fraction`` are measured (static).
   """
 
   count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
@@ -118,16 +123,15 @@ class ClipNormState(NamedTuple):
   axis_names: Static[tuple[str, ...]] = ()
   signature: Static[TreeSignature | None] = None
   granularity: Static[Granularity | None] = None
+  reports_clipping: Static[bool] = True
 
   def input_norm(self) -> jax.Array:
     return self.norm if isinstance(self.total_norm, tuple) else self.total_norm
 
   def report(self) -> dict[str, jax.Array]:
-    out = {
-      "norm": self.norm,
-      "clipped_norm": self.clipped_norm,
-      "clipped_fraction": self.clipped_fraction,
-    }
+    out = {"norm": self.norm}
+    if self.reports_clipping:
+      out.update(clipped_norm=self.clipped_norm, clipped_fraction=self.clipped_fraction)
     if not isinstance(self.total_norm, tuple):
       out["total_norm"] = self.total_norm
     per_group = {"threshold": self.threshold, **self.policy_stats}
@@ -265,6 +269,7 @@ def clip_norm(
       axis_names=axis_names,
       signature=TreeSignature(params),
       granularity=None if bound is where else bound,
+      reports_clipping=bound.reports_clipping,
     )
 
   def update_fn(updates, state, params=None):
@@ -304,6 +309,8 @@ def clip_norm(
       policy_state,
       state.policy_state,
     )
+    if summary is None:  # not measured: the zeros init gave
+      summary = Summary(state.clipped_norm, state.clipped_fraction)
     new_state = state._replace(
       count=optax.safe_increment(state.count),
       norm=total_norm,

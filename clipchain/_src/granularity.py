@@ -148,6 +148,12 @@ class Granularity(abc.ABC):
   groups_grow_with_size: ClassVar[bool] = False
   named_groups: ClassVar[bool] = False
 
+  @property
+  def reports_clipping(self) -> bool:
+    """Whether :meth:`clip` returns a :class:`Summary` (else ``None``: the clipped norm and
+    fraction are not measured, and not reported)."""
+    return True
+
   def bind(self, tree) -> Granularity:
     """The granularity as it applies to ``tree``, the tree ``init`` is given.
 
@@ -629,10 +635,25 @@ class Element(Slices):
   values above the threshold are multiplied by ``c / max|g|`` of their leaf instead, so they keep
   their order (Stable-SPAM's AdaClip). A rule that changes every group (normalising) is refused:
   setting every value's magnitude to the threshold is sign descent.
+
+  Attributes:
+    clip_statistics: whether to measure the clipped norm and the fraction of values clipped.
+      Each is a reduction over a compare or a ``min`` of every value, which XLA's CPU backend
+      writes out as a gradient-sized array before reducing (a whole extra pass each; see
+      ``benchmarks/README.md``); without them the clip fuses into the optimizer's pass and costs
+      one read of the gradient, for its norm.
   """
 
   one_group_per_value: ClassVar[bool] = True
   slices_split_like_leaves: ClassVar[bool] = True
+  clip_statistics: bool = True
+
+  @property
+  def reports_clipping(self) -> bool:
+    return self.clip_statistics
+
+  def __repr__(self) -> str:
+    return "Element()" if self.clip_statistics else "Element(clip_statistics=False)"
 
   def check_rule(self, rule: Rule) -> None:
     if rule.changes_every_group:
@@ -672,6 +693,8 @@ class Element(Slices):
       treedef,
       [clip_leaf(*args) for args in zip(leaves, magnitudes, jax.tree.leaves(threshold), largest)],
     )
+    if not self.clip_statistics:
+      return clipped, None
     over = jax.tree.map(rule.changes, measured.norms, threshold)
     clipped_leaves = jax.tree.leaves(clipped)
     # Not rescued: a conditional would take the clipped values as operands, written out in full;
