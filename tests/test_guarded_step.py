@@ -36,7 +36,6 @@ def clip_adam():
 GUARDS = {
   "nonfinite": lambda: clipchain.skip_nonfinite(clip_adam(), max_consecutive=1),
   "nonfinite(adam)": lambda: clipchain.skip_nonfinite(optax.adam(LR)),
-  "spikes": lambda: clipchain.skip_spikes(clip_adam(), **SPIKES),
   "spikes(record_skipped=False)": lambda: clipchain.skip_spikes(
     clip_adam(), record_skipped=False, **SPIKES
   ),
