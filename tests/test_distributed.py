@@ -81,10 +81,14 @@ TRANSFORMS = {
   "quantile_clip": _sgd(lambda a: clipchain.quantile_clip(initial_threshold=4.0, axis_name=a)),
   "adagc": _sgd(lambda a: clipchain.adagc(warmup_steps=2, warmup_max_norm=5.0, axis_name=a)),
   "spam_clip": _sgd(
-    lambda a: clipchain.spam_clip(threshold=2.0, beta2=0.5, warmup_steps=2, axis_name=a)
+    lambda a: clipchain.spam_clip(
+      threshold=2.0, beta2=0.5, warmup_steps=2, clip_statistics=True, axis_name=a
+    )
   ),
   "normalize": _sgd(lambda a: clipchain.normalize(2.0, granularity="layer", axis_name=a)),
-  "stable_spam_clip": _sgd(lambda a: clipchain.stable_spam_clip(theta=0.5, axis_name=a)),
+  "stable_spam_clip": _sgd(
+    lambda a: clipchain.stable_spam_clip(theta=0.5, clip_statistics=True, axis_name=a)
+  ),
   "clip_by_second_moment": lambda a=None: clipchain.clip_by_second_moment(
     optax.adam(1e-2, b2=0.9), b2=0.9, axis_name=a
   ),

@@ -143,7 +143,7 @@ NONFINITE = [(80, "Dense_0/kernel", np.nan), (120, "head/kernel", np.inf)]
 
 def test_spam_clip_defaults_match_the_float64_model_step_by_step():
   seq = make_sequence(160, seed=0, spikes=SPIKES, leaf_spikes=LEAF_SPIKES, nonfinite=NONFINITE)
-  tx = clipchain.spam_clip()
+  tx = clipchain.spam_clip(clip_statistics=True)
   final, updates, policy, fractions = run(tx, seq)
   reference = spam_reference(seq, threshold=5000.0, beta2=0.999, warmup_steps=19)
   check_against(
@@ -233,7 +233,9 @@ def test_a_value_with_no_second_moment_is_not_clipped():
 
 def test_v_is_adams_second_moment_when_chained_before_adam():
   seq = make_sequence(50, seed=5, spikes=SPIKES[:1], leaf_spikes=[(40, "Dense_0/bias", 100.0)])
-  tx = optax.chain(clipchain.spam_clip(beta2=0.95, warmup_steps=5), optax.adam(1e-3, b2=0.95))
+  tx = optax.chain(
+    clipchain.spam_clip(beta2=0.95, warmup_steps=5, clip_statistics=True), optax.adam(1e-3, b2=0.95)
+  )
   params = map_shapes(jnp.zeros, SHAPES)
   _, states = loop(jax.jit(tx.update), tx.init(params), map(as_tree, seq), params)
   for state in states:
@@ -331,7 +333,7 @@ def test_scan_vmap_and_a_python_loop_agree():
 
 def test_orbax_round_trip_is_bit_exact(tmp_path):
   seq = make_sequence(30, seed=10, spikes=[(25, "head/kernel", 3, 1000.0)])
-  tx = optax.chain(clipchain.spam_clip(warmup_steps=5), optax.adam(1e-3))
+  tx = optax.chain(clipchain.spam_clip(warmup_steps=5, clip_statistics=True), optax.adam(1e-3))
   params = map_shapes(jnp.zeros, SHAPES)
   grads = [as_tree(g) for g in seq]
   update = jax.jit(tx.update)
@@ -350,7 +352,7 @@ def test_orbax_round_trip_is_bit_exact(tmp_path):
 
 def test_stats_report_the_moment_rms_and_the_clipped_fraction():
   seq = make_sequence(25, seed=11, spikes=[(24, "head/kernel", 0, 1000.0)])
-  final, _, _, fractions = run(clipchain.spam_clip(name="spam"), seq)
+  final, _, _, fractions = run(clipchain.spam_clip(name="spam", clip_statistics=True), seq)
   stats = clipchain.stats(final)
   size = sum(math.prod(shape_of(SHAPES, p)) for p in PATHS)
   assert stats["spam/clipped_fraction"] == fractions[-1] == pytest.approx(1 / size)

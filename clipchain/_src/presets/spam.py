@@ -6,10 +6,11 @@ import optax
 
 from clipchain._src.clip_norm import clip_norm
 from clipchain._src.distributed import AxisName
-from clipchain._src.granularity import GranularityLike, as_granularity
+from clipchain._src.granularity import Element, GranularityLike, as_granularity
 from clipchain._src.masking import MaskLike
 from clipchain._src.stacking import StackedSpec
 from clipchain._src.thresholds.second_moment import SecondMoment
+from clipchain._src.validation import check_bool
 
 
 def spam_clip(
@@ -19,6 +20,7 @@ def spam_clip(
   *,
   granularity: GranularityLike = "element",
   stacked_axes: StackedSpec = 0,
+  clip_statistics: bool = False,
   mask: MaskLike = None,
   name: str = "spam_clip",
   axis_name: AxisName = None,
@@ -41,6 +43,10 @@ def spam_clip(
       reference's ``grad_accu_steps=20`` (clipping from the 20th update on).
     granularity: ``"element"`` (SPAM); at ``"global"``, ``"layer"`` or ``"unit"`` the same rule
       compares each group's squared norm with ``threshold`` times its EMA.
+    clip_statistics: at the element granularity, whether to also measure and report
+      ``clipped_norm`` and ``clipped_fraction`` (see :func:`clipchain.clip`: a pass over the
+      gradient each on XLA's CPU backend; static under ``optax.inject_hyperparams``). The other
+      granularities always report them.
     stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
       (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
       mapping or a callable ``(path, leaf) -> int`` (see :class:`clipchain.granularity.Layer`).
@@ -55,7 +61,7 @@ def spam_clip(
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipchain
-    >>> tx = optax.chain(clipchain.spam_clip(warmup_steps=5), optax.sgd(1.0))
+    >>> tx = optax.chain(clipchain.spam_clip(warmup_steps=5, clip_statistics=True), optax.sgd(1.0))
     >>> params = {"w": jnp.zeros(3)}
     >>> state = tx.init(params)
     >>> for step in range(6):  # a spike in the last value at the last step
@@ -70,7 +76,10 @@ def spam_clip(
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training
     <https://arxiv.org/abs/2501.06842>`_, 2025
   """
+  check_bool("clip_statistics", clip_statistics)
   policy = SecondMoment(threshold=threshold, beta2=beta2, warmup_steps=warmup_steps)
+  if isinstance(granularity, str) and granularity == "element":
+    granularity = Element(clip_statistics=clip_statistics)
   return clip_norm(
     policy,
     granularity=as_granularity(granularity, stacked_axes),

@@ -9,7 +9,7 @@ from clipchain._src.distributed import AxisName
 from clipchain._src.granularity import Element, Layer
 from clipchain._src.masking import MaskLike
 from clipchain._src.thresholds.stable_spam import MaxEMA, NormMoments
-from clipchain._src.validation import check_name
+from clipchain._src.validation import check_bool, check_name
 
 
 def stable_spam_clip(
@@ -18,6 +18,7 @@ def stable_spam_clip(
   theta: float = 0.999,
   eps: float = 1e-8,
   *,
+  clip_statistics: bool = False,
   mask: MaskLike = None,
   name: str = "stable_spam_clip",
   axis_name: AxisName = None,
@@ -45,6 +46,9 @@ def stable_spam_clip(
     gamma2: AdaGN's decay of the EMA of its squared norm, in ``[0, 1)``.
     theta: AdaClip's decay of the EMA of each tensor's largest magnitude, in ``[0, 1)``.
     eps: added to ``sqrt(v̂)`` in AdaGN, a finite number >= 0.
+    clip_statistics: whether AdaClip also measures and reports its ``clipped_norm`` and
+      ``clipped_fraction`` (see :func:`clipchain.clip`; static under
+      ``optax.inject_hyperparams``).
     mask: as for :func:`clipchain.clip_norm`.
     name: the prefix of the two clips' names in :func:`clipchain.stats`.
     axis_name: as for :func:`clipchain.clip_norm`.
@@ -67,10 +71,11 @@ def stable_spam_clip(
     <https://arxiv.org/abs/2502.17055>`_, 2025
   """
   check_name(name)
+  check_bool("clip_statistics", clip_statistics)
   return optax.chain(
     clip_norm(
       MaxEMA(theta),
-      granularity=Element(),
+      granularity=Element(clip_statistics=clip_statistics),
       rule="rescale",
       mask=mask,
       name=f"{name}_adaclip",
