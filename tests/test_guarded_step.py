@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from harness import assert_bits_equal, orbax_round_trip
+from test_guards_nonfinite import init_params
 
 import clipchain
 from clipchain._src import norms
@@ -58,18 +59,6 @@ GUARDS = {
     )
   ),
 }
-
-
-def init_params():
-  """A kernel, a bias and a leaf ``[-0.0, +0.0]`` whose gradient is always 0 (signs must stay)."""
-  rng = np.random.default_rng(0)
-  return {
-    "dense": {
-      "kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-      "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
-    },
-    "zero": jnp.array([-0.0, 0.0], jnp.float32),
-  }
 
 
 def batches(n=N_STEPS, seed=1):
