@@ -95,7 +95,7 @@ CASES = [
     ),
     "adagc_global",
   ),
-  Case("spam_clip", lambda: clipchain.spam_clip(warmup_steps=3), "spam_clip"),
+  Case("spam_clip", lambda: clipchain.spam_clip(warmup_steps=3, clip_statistics=True), "spam_clip"),
   # Per output unit, where each policy keeps a tuple of per-leaf statistics.
   Case("zclip_unit", lambda: clipchain.zclip(warmup_steps=3, granularity="unit"), "zclip"),
   Case("quantile_clip_unit", lambda: clipchain.quantile_clip(granularity="unit"), "quantile_clip"),
