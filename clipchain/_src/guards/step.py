@@ -91,8 +91,11 @@ def guarded_step(guard: optax.GradientTransformation) -> Step:
       distributed.check_bound(level.axis_names, level.name)
       states.append(states[-1].inner_state)
     inner_state = states[-1]
-    nested = [s for s in jax.tree.leaves(inner_state, is_leaf=skipping.is_guard_state)]
-    nested = [s for s in nested if skipping.is_guard_state(s)]
+    nested = [
+      s
+      for s in jax.tree.leaves(inner_state, is_leaf=skipping.is_guard_state)
+      if skipping.is_guard_state(s)
+    ]
     if nested:
       raise ValueError(
         f"guarded_step: the transform inside {levels[-1].name!r} holds the guard "
@@ -103,21 +106,16 @@ def guarded_step(guard: optax.GradientTransformation) -> Step:
 
     leaves = jax.tree.leaves(grads)
     squares = [norms.sum_of_squares(x) for x in leaves]
-    norm_across: dict[tuple[str, ...], jax.Array] = {}
-
-    def norm_for(axis_names):
-      if axis_names not in norm_across:
-        total = distributed.total_across(squares, leaves, axis_names)
-        norm_across[axis_names] = distributed.norm_of_squares(leaves, total, axis_names)
-      return norm_across[axis_names]
-
-    # Innermost first, as the transform form judges them.
+    # Innermost first, as the transform form judges them, each from the norm the transform form
+    # measures where no clip gave it one (global_norm, here taking the sums above).
     judged = []
     apply = None
-    for level, state in reversed(list(zip(levels, states))):
-      ok, new_state = level.judge(state, norm_for(level.axis_names), extra_args)
-      judged.append(new_state)
-      apply = ok if apply is None else apply & ok
+    with norms.known_squares(leaves, squares):
+      for level, state in reversed(list(zip(levels, states))):
+        norm = distributed.global_norm(leaves, level.axis_names)
+        ok, new_state = level.judge(state, norm, extra_args)
+        judged.append(new_state)
+        apply = ok if apply is None else apply & ok
 
     def run(operands):
       params, inner_state, grads, squares = operands
