@@ -74,7 +74,8 @@ def run(tx, seq, *, with_thresholds=False):
 
 def moments_by_path(policy_state):
   """The per-value ``v`` of the element granularity, keyed by path (leaves in ``PATHS`` order)."""
-  return dict(zip(PATHS, (np.asarray(v) for v in jax.tree.leaves(policy_state.moment))))
+  squared = jax.tree.map(jnp.square, policy_state.rms)
+  return dict(zip(PATHS, (np.asarray(v) for v in jax.tree.leaves(squared))))
 
 
 def spam_reference(seq, *, threshold, beta2, warmup_steps, clip_at_zero_v=False):
@@ -239,7 +240,9 @@ def test_v_is_adams_second_moment_when_chained_before_adam():
   params = map_shapes(jnp.zeros, SHAPES)
   _, states = loop(jax.jit(tx.update), tx.init(params), map(as_tree, seq), params)
   for state in states:
-    chex.assert_trees_all_close(state[0].policy_state.moment, state[1][0].nu, rtol=1e-6)
+    chex.assert_trees_all_close(
+      jax.tree.map(jnp.square, state[0].policy_state.rms), state[1][0].nu, rtol=1e-6
+    )
   assert sum(float(state[0].clipped_fraction) > 0 for state in states) >= 2
 
 
@@ -262,7 +265,7 @@ def test_norm_granularities_compare_the_squared_norm_with_its_ema(granularity):
   for t, g in enumerate(seq):
     norms = {k: math.sqrt(sum(np.sum(g[p] ** 2) for p in ps)) for k, ps in groups.items()}
     if not all(map(math.isfinite, norms.values())):
-      np.testing.assert_allclose(np.atleast_1d(state.moment[t]), list(v.values()), rtol=RTOL)
+      np.testing.assert_allclose(np.atleast_1d(state.rms[t]) ** 2, list(v.values()), rtol=RTOL)
       continue
     for k, ps in groups.items():
       n, scale = norms[k], 1.0
@@ -272,7 +275,7 @@ def test_norm_granularities_compare_the_squared_norm_with_its_ema(granularity):
       for p in ps:
         np.testing.assert_allclose(updates[p][t], g[p] * scale, rtol=RTOL, atol=1e-7)
       v[k] = beta2 * v[k] + (1 - beta2) * (n * scale) ** 2
-    np.testing.assert_allclose(np.atleast_1d(state.moment[t]), list(v.values()), rtol=RTOL)
+    np.testing.assert_allclose(np.atleast_1d(state.rms[t]) ** 2, list(v.values()), rtol=RTOL)
   assert clipped >= 2
 
 
@@ -288,7 +291,7 @@ def test_bfloat16_gradients_keep_their_dtype():
   for updates, g in zip(outputs, grads):
     chex.assert_trees_all_equal_dtypes(updates, g)
   updates = outputs[-1]
-  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(states[-1].policy_state.moment))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(states[-1].policy_state.rms))
   # The spike is clipped to sqrt(5000 * v), v computed in float32 from the bfloat16 values.
   bf16 = [{p: np.asarray(flat(g)[p], np.float64) for p in PATHS} for g in grads]
   reference = spam_reference(bf16, threshold=5000.0, beta2=0.999, warmup_steps=19)
@@ -310,9 +313,7 @@ def test_scan_vmap_and_a_python_loop_agree():
   for t, updates in enumerate(looped):
     for p in PATHS:
       np.testing.assert_allclose(flat(updates)[p], scanned[p][t], rtol=1e-6, atol=1e-8)
-  chex.assert_trees_all_close(
-    states[-1].policy_state.moment, at(scanned_policy.moment, -1), rtol=1e-6
-  )
+  chex.assert_trees_all_close(states[-1].policy_state.rms, at(scanned_policy.rms, -1), rtol=1e-6)
   assert update._cache_size() == 1
 
   other = make_sequence(30, seed=9, spikes=[(20, "Dense_0/bias", 0, 500.0)])
@@ -326,9 +327,7 @@ def test_scan_vmap_and_a_python_loop_agree():
       np.testing.assert_allclose(
         np.stack([o[p][b] for o in outputs]), alone[p], rtol=1e-6, atol=1e-8
       )
-    chex.assert_trees_all_close(
-      at(states[-1].policy_state.moment, b), at(policy.moment, -1), rtol=1e-6
-    )
+    chex.assert_trees_all_close(at(states[-1].policy_state.rms, b), at(policy.rms, -1), rtol=1e-6)
 
 
 def test_orbax_round_trip_is_bit_exact(tmp_path):
@@ -356,12 +355,28 @@ def test_stats_report_the_moment_rms_and_the_clipped_fraction():
   stats = clipchain.stats(final)
   size = sum(math.prod(shape_of(SHAPES, p)) for p in PATHS)
   assert stats["spam/clipped_fraction"] == fractions[-1] == pytest.approx(1 / size)
-  v = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final.policy_state.moment)])
+  v = np.concatenate([np.ravel(x) ** 2 for x in jax.tree.leaves(final.policy_state.rms)])
   np.testing.assert_allclose(stats["spam/moment_rms"], np.sqrt(v).mean(), rtol=RTOL)
   assert np.isfinite(stats["spam/threshold"])
   layer = clipchain.clip_norm(SecondMoment(), granularity="layer", name="lay")
   state = layer.init(map_shapes(jnp.zeros, SHAPES))
   assert set(clipchain.stats(state)) >= {f"lay/moment_rms/{p}" for p in PATHS}
+
+
+def test_per_value_summaries_are_measured_only_when_asked_for():
+  seq = make_sequence(25, seed=11, spikes=[(24, "head/kernel", 0, 1000.0)])
+  final, *_ = run(clipchain.spam_clip(name="spam"), seq)
+  assert set(clipchain.stats(final)) == {"spam/norm"}
+  assert final.threshold == () and final.policy_stats == {}
+  asked, *_ = run(clipchain.spam_clip(name="spam", clip_statistics=True), seq)
+  assert set(clipchain.stats(asked)) == {
+    f"spam/{key}" for key in ("norm", "clipped_norm", "clipped_fraction", "threshold", "moment_rms")
+  }
+  # A threshold shared by every value costs nothing to report, and is reported either way.
+  value = clipchain.clip(0.5, name="value")
+  state = value.init(map_shapes(jnp.zeros, SHAPES))
+  _, state = jax.jit(value.update)(as_tree(seq[0]), state)
+  assert clipchain.stats(state)["value/threshold"] == 0.5
 
 
 # Validation.
@@ -392,6 +407,6 @@ def test_every_granularity_is_accepted_and_the_preset_is_per_element():
     clipchain.clip_norm(SecondMoment(), granularity=granularity)
   state = clipchain.spam_clip(name="mine").init({"w": jnp.zeros((2, 3))})
   assert state.name == "mine"
-  assert state.policy_state.moment["w"].shape == (2, 3)
+  assert state.policy_state.rms["w"].shape == (2, 3)
   with pytest.raises(ValueError, match="name"):
     clipchain.spam_clip(name="")

@@ -55,6 +55,20 @@ def _broadcasts_to(shape, target) -> bool:
     return False
 
 
+def _threshold_is_scalar(policy: ThresholdPolicy, groups, policy_state, params) -> bool:
+  """Whether ``policy`` gives one threshold for every group (known from shapes alone)."""
+
+  def threshold_of(norms, state, params):
+    context = Context(
+      count=jnp.zeros((), jnp.int32), params=params, groups=groups, norm=jnp.zeros((), jnp.float32)
+    )
+    return policy(norms, state, context)[0]
+
+  threshold = jax.eval_shape(threshold_of, groups.norms, policy_state, params)
+  leaves = jax.tree.leaves(threshold)
+  return len(leaves) == 1 and leaves[0] is threshold and threshold.shape == ()
+
+
 def _threshold_like_norms(policy, threshold, norms):
   """The threshold as a float32 scalar, or as a pytree exactly shaped like the norms (a value that
   broadcasts to a group's norms is broadcast, so states and summaries see the norms' shapes)."""
@@ -86,14 +100,16 @@ class ClipNormState(NamedTuple):
       :func:`clipchain.stats`, where the granularity does not measure it: ``clip`` without
       ``clip_statistics=True``).
     threshold: the threshold applied, summarised by the granularity: a scalar; one per layer with
-      the layer granularity; the mean over units or values where they differ.
+      the layer granularity; the mean over units or values where they differ (``()``, and not
+      reported, where it differs between values and the granularity does not summarise them:
+      ``Element(clip_statistics=False)``).
     clipped_fraction: the fraction of groups (the tree, layers, units or values) scaled down
       (as ``clipped_norm``, where measured).
     layer_norms: the norm of each layer before clipping (layer granularity; else ``()``: Orbax
       cannot save a zero-size array).
     policy_state: the threshold policy's own state.
     policy_stats: the policy's estimates (``ThresholdPolicy.statistics``) summarised by the
-      granularity, by name.
+      granularity, by name (none where it does not summarise per value).
     settings: records the policy and the groups (their names and shapes) as the key of one int8
       leaf, so that a checkpoint restored into a transform whose state means something else (a
       renamed layer mapping, another policy) fails in Orbax, naming both.
@@ -105,7 +121,8 @@ class ClipNormState(NamedTuple):
     signature: the paths and shapes of the tree ``init`` saw (static).
     granularity: the granularity as it applies to the tree ``init`` saw (static; see
       :meth:`clipchain.granularity.Granularity.bind`), or ``None`` when that is the transform's.
-    reports_clipping: whether ``clipped_norm`` and ``clipped_fraction`` are measured (static).
+    reports_clipping: whether ``clipped_norm``, ``clipped_fraction`` and the summaries of
+      per-value thresholds and estimates are measured (static).
   """
 
   count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
@@ -134,7 +151,9 @@ class ClipNormState(NamedTuple):
       out.update(clipped_norm=self.clipped_norm, clipped_fraction=self.clipped_fraction)
     if not isinstance(self.total_norm, tuple):
       out["total_norm"] = self.total_norm
-    per_group = {"threshold": self.threshold, **self.policy_stats}
+    per_group = dict(self.policy_stats)
+    if not isinstance(self.threshold, tuple):
+      per_group = {"threshold": self.threshold, **per_group}
     if self.layer_names:
       # With named groups layer_norms is the per-layer vector (an empty tuple only without them).
       out.update(self._per_layer("norm", self.layer_norms))  # type: ignore[arg-type]
@@ -253,13 +272,19 @@ def clip_norm(
       count=jnp.zeros((), jnp.int32),
       norm=jnp.zeros((), jnp.float32),
       clipped_norm=jnp.zeros((), jnp.float32),
-      threshold=jnp.zeros((len(groups.names),) if groups.names else (), jnp.float32),
+      threshold=(
+        jnp.zeros((len(groups.names),) if groups.names else (), jnp.float32)
+        if bound.reports_clipping or _threshold_is_scalar(policy, groups, policy_state, params)
+        else ()
+      ),
       clipped_fraction=jnp.zeros((), jnp.float32),
       layer_norms=jnp.zeros((len(groups.names),), jnp.float32) if groups.names else (),
       policy_state=policy_state,
       # Copies: a summary may be a policy-state array itself, and no two fields may share a
       # buffer (a donated step would donate it twice).
-      policy_stats=jax.tree.map(jnp.copy, summaries(bound, policy_state, ())),
+      policy_stats=(
+        jax.tree.map(jnp.copy, summaries(bound, policy_state, ())) if bound.reports_clipping else {}
+      ),
       settings=state_lib.settings_record(
         f"{type(policy).__name__}_groups_"
         + state_lib.digest(groups.names, jax.tree.map(lambda s: s.shape, groups.norms))
@@ -316,14 +341,16 @@ def clip_norm(
       norm=total_norm,
       clipped_norm=summary.clipped_norm,
       threshold=(
-        jnp.broadcast_to(limit, state.threshold.shape)
+        ()
+        if isinstance(state.threshold, tuple)  # per value, and not summarised
+        else jnp.broadcast_to(limit, state.threshold.shape)
         if is_scalar(limit)
         else at.summarize(limit, axis_names)
       ),
       clipped_fraction=summary.clipped_fraction,
       layer_norms=measured.norms if state.layer_names else (),
       policy_state=policy_state,
-      policy_stats=summaries(at, policy_state, axis_names),
+      policy_stats=summaries(at, policy_state, axis_names) if state.reports_clipping else {},
     )
     return clipped, keep_dtypes(new_state, state)
 

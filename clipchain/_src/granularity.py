@@ -151,7 +151,8 @@ class Granularity(abc.ABC):
   @property
   def reports_clipping(self) -> bool:
     """Whether :meth:`clip` returns a :class:`Summary` (else ``None``: the clipped norm and
-    fraction are not measured, and not reported)."""
+    fraction are not measured, and not reported) and the core summarises a threshold that differs
+    between groups and the policy's estimates (else neither is reported)."""
     return True
 
   def bind(self, tree) -> Granularity:
@@ -637,11 +638,14 @@ class Element(Slices):
   setting every value's magnitude to the threshold is sign descent.
 
   Attributes:
-    clip_statistics: whether to measure the clipped norm and the fraction of values clipped.
-      Each is a reduction over a compare or a ``min`` of every value, which XLA's CPU backend
-      writes out as a gradient-sized array before reducing (a whole extra pass each; see
+    clip_statistics: whether to measure the clipped norm and the fraction of values clipped,
+      and, with a threshold that differs between values (SPAM's), its mean and the means of the
+      policy's per-value estimates. Each is a reduction over a compare, a ``min`` or an
+      expression another kernel also reads, which XLA's CPU backend writes out as a
+      gradient-sized array before reducing (a whole extra pass each; see
       ``benchmarks/README.md``); without them the clip fuses into the optimizer's pass and costs
-      one read of the gradient, for its norm.
+      one read of the gradient, for its norm. A threshold shared by every value is reported
+      either way.
   """
 
   one_group_per_value: ClassVar[bool] = True

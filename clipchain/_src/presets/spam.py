@@ -44,8 +44,9 @@ def spam_clip(
     granularity: ``"element"`` (SPAM); at ``"global"``, ``"layer"`` or ``"unit"`` the same rule
       compares each group's squared norm with ``threshold`` times its EMA.
     clip_statistics: at the element granularity, whether to also measure and report
-      ``clipped_norm`` and ``clipped_fraction`` (see :func:`clipchain.clip`: a pass over the
-      gradient each on XLA's CPU backend; static under ``optax.inject_hyperparams``). The other
+      ``clipped_norm``, ``clipped_fraction``, the mean ``threshold`` and ``moment_rms`` (see
+      :func:`clipchain.clip`: a pass over the gradient each on XLA's CPU backend; static under
+      ``optax.inject_hyperparams``). Without them only ``norm`` is reported. The other
       granularities always report them.
     stacked_axes: with the layer or unit granularity, which leading axes of a leaf index stacked
       (scanned) layers, each then clipped on its own: an int (every leaf), a ``{path regex: int}``
@@ -55,9 +56,10 @@ def spam_clip(
     axis_name: as for :func:`clipchain.clip_norm`.
 
   Returns:
-    An ``optax.GradientTransformation``; in its statistics ``clipped_fraction`` is the fraction of
-    values clipped, ``threshold`` the mean per-value threshold (``inf`` during the warmup) and
-    ``"{name}/moment_rms"`` the mean over values of ``sqrt(v)``.
+    An ``optax.GradientTransformation``; in its statistics (with ``clip_statistics=True`` at the
+    element granularity) ``clipped_fraction`` is the fraction of values clipped, ``threshold``
+    the mean per-value threshold (``inf`` during the warmup) and ``"{name}/moment_rms"`` the mean
+    over values of ``sqrt(v)``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipchain

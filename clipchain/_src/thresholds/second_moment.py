@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from clipchain._src import norms as norms_lib
@@ -18,11 +17,14 @@ class SecondMomentState(NamedTuple):
   """State of :class:`SecondMoment`.
 
   Attributes:
-    moment: ``v``, the EMA of the squared clipped norm of each group, a pytree shaped like the
-      norms (per value: shaped like the gradient; float32).
+    rms: ``sqrt(v)``, with ``v`` the EMA of the squared clipped norm of each group, a pytree
+      shaped like the norms (per value: shaped like the gradient; float32). The root is kept
+      rather than ``v`` so that the limit ``sqrt(threshold) · sqrt(v)`` is a multiply, which
+      XLA recomputes in every kernel that clips, instead of a per-value ``sqrt`` it computes once
+      and writes out as an array the size of the gradient (see ``benchmarks/README.md``).
   """
 
-  moment: Any
+  rms: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +56,10 @@ class SecondMoment(ThresholdPolicy):
   ``beta2 + (1 - beta2) · threshold`` (6 with the defaults) per update until it is no longer
   clipped.
 
-  Memory: per element ``v`` is one float32 array shaped like the gradient, 4 bytes per parameter
-  (as Adam's ``nu``; twice the parameters' size in bfloat16). At the other granularities the same
-  rule compares a norm's square with ``threshold`` times the EMA of the squared clipped norm, one
-  number per group: the tree (global), each layer or each output unit.
+  Memory: per element ``sqrt(v)`` is one float32 array shaped like the gradient, 4 bytes per
+  parameter (as Adam's ``nu``; twice the parameters' size in bfloat16). At the other
+  granularities the same rule compares a norm's square with ``threshold`` times the EMA of the
+  squared clipped norm, one number per group: the tree (global), each layer or each output unit.
 
   Args:
     threshold: ``θ``, how many times its running mean square a squared value may be before it is a
@@ -78,8 +80,8 @@ class SecondMoment(ThresholdPolicy):
     ...   updates, state = tx.update({"w": jnp.array(g)}, state)
     >>> updates["w"]
     Array([ 1.       , -1.4142135], dtype=float32)
-    >>> state.policy_state.moment["w"]  # 0.5 * 0.5 + 0.5 * 1 and 0.5 * 0.5 + 0.5 * 2
-    Array([0.75, 1.25], dtype=float32)
+    >>> state.policy_state.rms["w"] ** 2  # v: 0.5 * 0.5 + 0.5 * 1 and 0.5 * 0.5 + 0.5 * 2
+    Array([0.75     , 1.2499998], dtype=float32)
 
   References:
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training
@@ -102,19 +104,19 @@ class SecondMoment(ThresholdPolicy):
     active = context.count >= self.warmup_steps
     # A threshold that is negative at run time (inject_hyperparams) limits every value to 0, as a
     # negative threshold does everywhere; sqrt of it would be NaN.
-    theta = jnp.maximum(jnp.asarray(self.threshold, jnp.float32), 0.0)
+    root_theta = jnp.sqrt(jnp.maximum(jnp.asarray(self.threshold, jnp.float32), 0.0))
 
-    def step(norm, v):
+    def step(norm, rms):
       norm = jnp.asarray(norm, jnp.float32)
-      limited = active & (v > 0)
-      # sqrt of a positive stand-in where there is no limit: no inf or sqrt(0) reaches jax.grad.
-      limit = jnp.where(limited, jnp.sqrt(theta * jnp.where(limited, v, 1.0)), jnp.inf)
+      limit = jnp.where(active & (rms > 0), root_theta * rms, jnp.inf)
       clipped = jnp.minimum(norm, limit)
-      return limit, self.beta2 * v + (1 - self.beta2) * clipped * clipped
+      # The one per-value sqrt, in the kernel that writes the state.
+      new_rms = norms_lib.safe_sqrt(self.beta2 * rms * rms + (1 - self.beta2) * clipped * clipped)
+      return limit, new_rms
 
-    threshold, moment = map_groups(step, 2, norms, state.moment)
-    return threshold, SecondMomentState(moment)
+    threshold, rms = map_groups(step, 2, norms, state.rms)
+    return threshold, SecondMomentState(rms)
 
   def statistics(self, state: SecondMomentState) -> dict[str, Any]:
     """``moment_rms``, ``sqrt(v)``: per layer, or its mean over units or values."""
-    return {"moment_rms": jax.tree.map(norms_lib.safe_sqrt, state.moment)}
+    return {"moment_rms": state.rms}
